@@ -1,0 +1,507 @@
+"""One YAML file → typed router configuration.
+
+Owns the config schema: the static fleet, block keying, the prefix index, request limits, and
+the scheduling plugins and profiles in llm-d's `EndpointPickerConfig` shape (a `plugins:` list,
+then `schedulingProfiles:` referring to them by name). Every field has a default; an unknown
+field, an unknown plugin type or a wrongly typed value is a `ConfigError` naming it and its
+line in the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from router.blocks import BlockConfig
+from router.pods import Pod, Role
+from router.request import RequestSettings
+
+
+class ConfigError(ValueError):
+    """A config file problem; the message names the field and the line."""
+
+
+# --------------------------------------------------------------------------- YAML with lines
+class _LineDict(dict):
+    """A mapping that remembers the line (1-based) of each key and of itself."""
+
+    line: int = 0
+    key_lines: dict[Any, int]
+
+
+class _LineList(list):
+    line: int = 0
+
+
+class _LineLoader(yaml.SafeLoader):
+    pass
+
+
+def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> _LineDict:
+    out = _LineDict()
+    out.line = node.start_mark.line + 1
+    out.key_lines = {}
+    loader.flatten_mapping(node)
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        out[key] = loader.construct_object(value_node, deep=True)
+        out.key_lines[key] = key_node.start_mark.line + 1
+    return out
+
+
+def _construct_sequence(loader: _LineLoader, node: yaml.SequenceNode) -> _LineList:
+    out = _LineList(loader.construct_object(n, deep=True) for n in node.value)
+    out.line = node.start_mark.line + 1
+    return out
+
+
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_sequence)
+
+
+def _line_of(node: Any, key: Any = None) -> int:
+    if key is not None and isinstance(node, _LineDict):
+        return node.key_lines.get(key, node.line)
+    return getattr(node, "line", 0)
+
+
+# --------------------------------------------------------------------------- schema
+@dataclass(frozen=True, slots=True)
+class PrefixIndexSettings:
+    """Which prefix index plugins read by default, and the approximate index's bounds."""
+
+    #: "auto" = precise when KV events feed the router, else approximate.
+    mode: str = "auto"
+    lru_capacity_per_pod: int = 31_250
+    ttl_s: float | None = None
+    tier_weights: tuple[float, float, float] = (1.0, 0.8, 0.5)
+
+
+@dataclass(frozen=True, slots=True)
+class SaturationSettings:
+    """When a pod counts as saturated (GAIE's defaults); sheddable requests are refused (429)
+    when every candidate is."""
+
+    queue_threshold: int = 5
+    kv_threshold: float = 0.8
+
+
+@dataclass(frozen=True, slots=True)
+class PluginSpec:
+    type: str
+    name: str
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+    line: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PluginRef:
+    ref: str
+    weight: float = 1.0
+    line: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileSpec:
+    name: str
+    plugins: tuple[PluginRef, ...]
+    line: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RouterConfig:
+    pods: tuple[Pod, ...] = ()
+    blocks: BlockConfig = BlockConfig()
+    prefix_index: PrefixIndexSettings = PrefixIndexSettings()
+    request: RequestSettings = RequestSettings()
+    saturation: SaturationSettings = SaturationSettings()
+    plugins: tuple[PluginSpec, ...] = ()
+    profiles: tuple[ProfileSpec, ...] = ()
+    #: Seed of the pickers' random tie-breaks (None = from the OS).
+    seed: int | None = None
+    source: str = "<default>"
+
+    @property
+    def handler(self) -> PluginSpec:
+        for p in self.plugins:
+            if p.type in PROFILE_HANDLERS:
+                return p
+        return PluginSpec("single-profile-handler", "single-profile-handler")
+
+
+PROFILE_HANDLERS = ("single-profile-handler", "pd-profile-handler")
+_HANDLER_PARAMS = {
+    "single-profile-handler": {"profile": str},
+    "pd-profile-handler": {
+        "threshold": int,
+        "decodeProfile": str,
+        "prefillProfile": str,
+        "mode": str,
+    },
+}
+
+#: kvroute's default profile: our best config in the simulator (see README "Scheduling").
+DEFAULT_PLUGINS_YAML = """
+plugins:
+  - type: prefix-cache-scorer
+  - type: uncached-tokens-load-scorer
+  - type: kv-cache-utilization-scorer
+  - type: queue-scorer
+  - type: max-score-picker
+schedulingProfiles:
+  - name: default
+    plugins:
+      - pluginRef: prefix-cache-scorer
+        weight: 3
+      - pluginRef: uncached-tokens-load-scorer
+        weight: 2
+      - pluginRef: kv-cache-utilization-scorer
+        weight: 1
+      - pluginRef: queue-scorer
+        weight: 1
+      - pluginRef: max-score-picker
+"""
+
+
+# --------------------------------------------------------------------------- loading
+def load_config(path: str | Path) -> RouterConfig:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read config: {e.strerror}") from e
+    return parse_config(text, source=str(p))
+
+
+def parse_config(text: str, source: str = "<string>") -> RouterConfig:
+    try:
+        doc = yaml.load(text, Loader=_LineLoader)  # noqa: S506 - SafeLoader subclass
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML: {e}") from e
+    if doc is None:
+        doc = _LineDict()
+        doc.key_lines = {}
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping")
+    return _build(doc, source)
+
+
+def default_config() -> RouterConfig:
+    return parse_config("", "<default>")
+
+
+_TOP_LEVEL = {
+    "pods",
+    "blocks",
+    "prefix_index",
+    "request",
+    "saturation",
+    "plugins",
+    "schedulingProfiles",
+    "seed",
+    "apiVersion",
+    "kind",
+}
+
+
+def _build(doc: dict, source: str) -> RouterConfig:
+    for key in doc:
+        if key not in _TOP_LEVEL:
+            raise ConfigError(
+                f"{source}:{_line_of(doc, key)}: unknown field '{key}' "
+                f"(known: {', '.join(sorted(_TOP_LEVEL))})"
+            )
+    ctx = _Ctx(source)
+    pods = tuple(_parse_pods(doc.get("pods") or [], ctx))
+    blocks = ctx.dataclass(BlockConfig, doc.get("blocks"), "blocks", _line_of(doc, "blocks"))
+    if blocks.mode not in ("tokens", "chars"):
+        raise ConfigError(f"{source}: blocks.mode must be 'tokens' or 'chars'")
+    if blocks.mode == "tokens" and not blocks.tokenizer_path:
+        raise ConfigError(f"{source}: blocks.mode 'tokens' needs blocks.tokenizer_path")
+    if blocks.tokenizer_path and not Path(blocks.tokenizer_path).is_absolute():
+        # Relative tokenizer paths are relative to the config file.
+        base = Path.cwd() if source.startswith("<") else Path(source).parent
+        blocks = dataclasses.replace(blocks, tokenizer_path=str(base / blocks.tokenizer_path))
+    if blocks.block_size <= 0 or blocks.chars_per_block <= 0:
+        raise ConfigError(f"{source}: blocks sizes must be > 0")
+    prefix_index = ctx.dataclass(
+        PrefixIndexSettings, doc.get("prefix_index"), "prefix_index", _line_of(doc, "prefix_index")
+    )
+    if prefix_index.mode not in ("auto", "precise", "approximate"):
+        raise ConfigError(f"{source}: prefix_index.mode must be auto, precise or approximate")
+    request = ctx.dataclass(RequestSettings, doc.get("request"), "request", _line_of(doc, "request"))
+    saturation = ctx.dataclass(
+        SaturationSettings, doc.get("saturation"), "saturation", _line_of(doc, "saturation")
+    )
+    if "plugins" in doc or "schedulingProfiles" in doc:
+        plugins_doc, profiles_doc = doc.get("plugins") or [], doc.get("schedulingProfiles") or []
+        pctx = ctx
+    else:
+        default = yaml.load(DEFAULT_PLUGINS_YAML, Loader=_LineLoader)  # noqa: S506
+        plugins_doc, profiles_doc = default["plugins"], default["schedulingProfiles"]
+        pctx = _Ctx("<default profile>")
+    plugins = tuple(_parse_plugins(plugins_doc, pctx))
+    profiles = tuple(_parse_profiles(profiles_doc, plugins, pctx))
+    seed = doc.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise ConfigError(f"{source}:{_line_of(doc, 'seed')}: seed must be an integer")
+    return RouterConfig(
+        pods=pods,
+        blocks=blocks,
+        prefix_index=prefix_index,
+        request=request,
+        saturation=saturation,
+        plugins=plugins,
+        profiles=profiles,
+        seed=seed,
+        source=source,
+    )
+
+
+class _Ctx:
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def err(self, line: int, msg: str) -> ConfigError:
+        return ConfigError(f"{self.source}:{line}: {msg}")
+
+    def mapping(self, node: Any, what: str, line: int) -> dict:
+        if node is None:
+            return {}
+        if not isinstance(node, dict):
+            raise self.err(line, f"'{what}' must be a mapping")
+        return node
+
+    def dataclass(self, cls: type, node: Any, what: str, line: int) -> Any:
+        """Fill dataclass `cls` from a mapping, checking names and types field by field."""
+        node = self.mapping(node, what, line)
+        hints = typing.get_type_hints(cls)
+        fields = {f.name for f in dataclasses.fields(cls) if f.init}
+        kwargs = {}
+        for key, value in node.items():
+            kline = _line_of(node, key)
+            if key not in fields:
+                raise self.err(
+                    kline, f"unknown field '{what}.{key}' (known: {', '.join(sorted(fields))})"
+                )
+            kwargs[key] = self.coerce(value, hints[key], f"{what}.{key}", kline)
+        return cls(**kwargs)
+
+    def coerce(self, value: Any, hint: Any, what: str, line: int) -> Any:
+        origin = typing.get_origin(hint)
+        args = typing.get_args(hint)
+        if origin in (typing.Union, types.UnionType):
+            if value is None and type(None) in args:
+                return None
+            errors = []
+            for arg in args:
+                if arg is type(None):
+                    continue
+                try:
+                    return self.coerce(value, arg, what, line)
+                except ConfigError as e:
+                    errors.append(str(e))
+            raise errors[0] if len(errors) == 1 else self.err(line, f"'{what}' has a bad type")
+        if origin is typing.Literal:
+            if value not in args:
+                raise self.err(line, f"'{what}' must be one of {list(args)}, got {value!r}")
+            return value
+        if origin is tuple:
+            if not isinstance(value, list):
+                raise self.err(line, f"'{what}' must be a list")
+            if len(args) == 2 and args[1] is Ellipsis:
+                return tuple(self.coerce(v, args[0], what, line) for v in value)
+            if len(value) != len(args):
+                raise self.err(line, f"'{what}' must have {len(args)} items")
+            return tuple(self.coerce(v, a, what, line) for v, a in zip(value, args, strict=True))
+        if origin in (list, frozenset, set):
+            if not isinstance(value, list):
+                raise self.err(line, f"'{what}' must be a list")
+            items = [self.coerce(v, args[0], what, line) for v in value] if args else list(value)
+            return origin(items)
+        if origin in (dict, Mapping) or hint is dict:
+            if not isinstance(value, dict):
+                raise self.err(line, f"'{what}' must be a mapping")
+            return dict(value)
+        if hint is bool:
+            if not isinstance(value, bool):
+                raise self.err(line, f"'{what}' must be true or false")
+            return value
+        if hint is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise self.err(line, f"'{what}' must be an integer, got {value!r}")
+            return value
+        if hint is float:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise self.err(line, f"'{what}' must be a number, got {value!r}")
+            return float(value)
+        if hint is str:
+            if not isinstance(value, str):
+                raise self.err(line, f"'{what}' must be a string, got {value!r}")
+            return value
+        if isinstance(hint, type) and issubclass(hint, Role):
+            try:
+                return Role(value)
+            except ValueError:
+                raise self.err(
+                    line, f"'{what}' must be one of {[r.value for r in Role]}, got {value!r}"
+                ) from None
+        return value
+
+
+_POD_FIELDS = {
+    "endpoint": str,
+    "role": Role,
+    "labels": dict[str, str],
+    "models": list[str],
+    "adapters": list[str],
+    "kv_events_endpoint": str | None,
+    "kv_replay_endpoint": str | None,
+}
+
+
+def _parse_pods(items: Any, ctx: _Ctx) -> list[Pod]:
+    if not isinstance(items, list):
+        raise ctx.err(_line_of(items), "'pods' must be a list")
+    pods: list[Pod] = []
+    seen: set[str] = set()
+    for i, item in enumerate(items):
+        line = _line_of(item)
+        if not isinstance(item, dict):
+            raise ctx.err(line, f"pods[{i}] must be a mapping with at least 'endpoint'")
+        values: dict[str, Any] = {}
+        for key, value in item.items():
+            kline = _line_of(item, key)
+            hint = _POD_FIELDS.get(key)
+            if hint is None:
+                raise ctx.err(
+                    kline, f"unknown field 'pods[{i}].{key}' (known: {', '.join(_POD_FIELDS)})"
+                )
+            values[key] = ctx.coerce(value, hint, f"pods[{i}].{key}", kline)
+        ep = values.get("endpoint")
+        if not ep:
+            raise ctx.err(line, f"pods[{i}] needs 'endpoint' (host:port)")
+        host, sep, port = ep.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ctx.err(line, f"pods[{i}].endpoint must be host:port, got {ep!r}")
+        if ep in seen:
+            raise ctx.err(line, f"pods[{i}].endpoint {ep!r} is listed twice")
+        seen.add(ep)
+        pods.append(
+            Pod(
+                endpoint=ep,
+                role=values.get("role", Role.BOTH),
+                labels={str(k): str(v) for k, v in values.get("labels", {}).items()},
+                models=frozenset(values.get("models", [])),
+                adapters=frozenset(values.get("adapters", [])),
+                kv_events_endpoint=values.get("kv_events_endpoint"),
+                kv_replay_endpoint=values.get("kv_replay_endpoint"),
+            )
+        )
+    return pods
+
+
+def _parse_plugins(items: Any, ctx: _Ctx) -> list[PluginSpec]:
+    from scorers.registry import PLUGINS
+
+    if not isinstance(items, list):
+        raise ctx.err(_line_of(items), "'plugins' must be a list")
+    out: list[PluginSpec] = []
+    names: set[str] = set()
+    for i, item in enumerate(items):
+        line = _line_of(item)
+        if not isinstance(item, dict):
+            raise ctx.err(line, f"plugins[{i}] must be a mapping with 'type'")
+        for key in item:
+            if key not in ("type", "name", "parameters"):
+                raise ctx.err(
+                    _line_of(item, key),
+                    f"unknown field 'plugins[{i}].{key}' (known: type, name, parameters)",
+                )
+        ptype = item.get("type")
+        if not isinstance(ptype, str):
+            raise ctx.err(line, f"plugins[{i}] needs a 'type'")
+        if ptype not in PLUGINS and ptype not in PROFILE_HANDLERS:
+            known = ", ".join(sorted([*PLUGINS, *PROFILE_HANDLERS]))
+            raise ctx.err(
+                _line_of(item, "type"), f"unknown plugin type '{ptype}' (known: {known})"
+            )
+        name = item.get("name") or ptype
+        if not isinstance(name, str):
+            raise ctx.err(_line_of(item, "name"), f"plugins[{i}].name must be a string")
+        if name in names:
+            raise ctx.err(line, f"plugin name '{name}' is used twice")
+        names.add(name)
+        params = ctx.mapping(item.get("parameters"), f"plugins[{i}].parameters", line)
+        if ptype in PROFILE_HANDLERS:
+            allowed = _HANDLER_PARAMS[ptype]
+            for key, value in params.items():
+                if key not in allowed:
+                    raise ctx.err(
+                        _line_of(params, key),
+                        f"plugin '{ptype}' has no parameter '{key}' (known: {sorted(allowed)})",
+                    )
+                ctx.coerce(value, allowed[key], f"{name}.{key}", _line_of(params, key))
+        out.append(PluginSpec(ptype, name, dict(params), line))
+    handlers = [p for p in out if p.type in PROFILE_HANDLERS]
+    if len(handlers) > 1:
+        raise ctx.err(handlers[1].line, "only one profile handler may be configured")
+    return out
+
+
+def _parse_profiles(items: Any, plugins: tuple[PluginSpec, ...], ctx: _Ctx) -> list[ProfileSpec]:
+    from scorers.registry import plugin_kind
+
+    if not isinstance(items, list) or not items:
+        raise ctx.err(_line_of(items), "'schedulingProfiles' must be a non-empty list")
+    by_name = {p.name: p for p in plugins}
+    out: list[ProfileSpec] = []
+    for i, item in enumerate(items):
+        line = _line_of(item)
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise ctx.err(line, f"schedulingProfiles[{i}] needs a 'name'")
+        for key in item:
+            if key not in ("name", "plugins"):
+                raise ctx.err(
+                    _line_of(item, key),
+                    f"unknown field 'schedulingProfiles[{i}].{key}' (known: name, plugins)",
+                )
+        refs: list[PluginRef] = []
+        pickers = 0
+        for j, ref in enumerate(item.get("plugins") or []):
+            rline = _line_of(ref)
+            if not isinstance(ref, dict) or not isinstance(ref.get("pluginRef"), str):
+                raise ctx.err(rline, f"profile '{item['name']}' plugins[{j}] needs 'pluginRef'")
+            for key in ref:
+                if key not in ("pluginRef", "weight"):
+                    raise ctx.err(
+                        _line_of(ref, key),
+                        f"unknown field '{key}' in profile '{item['name']}' plugins[{j}]",
+                    )
+            spec = by_name.get(ref["pluginRef"])
+            if spec is None:
+                raise ctx.err(
+                    _line_of(ref, "pluginRef"),
+                    f"profile '{item['name']}' refers to unknown plugin '{ref['pluginRef']}'",
+                )
+            if spec.type in PROFILE_HANDLERS:
+                raise ctx.err(rline, f"profile handler '{spec.name}' cannot be in a profile")
+            weight = ctx.coerce(ref.get("weight", 1.0), float, "weight", _line_of(ref, "weight"))
+            if weight < 0:
+                raise ctx.err(_line_of(ref, "weight"), "weight must be >= 0")
+            pickers += plugin_kind(spec.type) == "picker"
+            refs.append(PluginRef(spec.name, weight, rline))
+        if pickers > 1:
+            raise ctx.err(line, f"profile '{item['name']}' has more than one picker")
+        out.append(ProfileSpec(item["name"], tuple(refs), line))
+    names = [p.name for p in out]
+    if len(set(names)) != len(names):
+        raise ctx.err(_line_of(items), "profile names must be unique")
+    return out

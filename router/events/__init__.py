@@ -1,0 +1,1 @@
+"""vLLM KV events: wire structs, decoding, publishing, subscribing, applying to a BlockIndex."""

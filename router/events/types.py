@@ -1,0 +1,82 @@
+"""vLLM's KV-event wire structs (the array form older vLLM releases put on the wire).
+
+Field order matters: with `array_like=True` a struct is a msgpack array in declaration order,
+and `tag=True` puts the class name first, e.g. `["BlockStored", [h1, h2], parent, [...], 16,
+None, "GPU", None]`. Trailing optional fields may be absent on the wire (older senders) and are
+left out when they hold their default (`omit_defaults`). Engine hashes are opaque: msgpack ints
+(64-bit, possibly unsigned) in older releases, bytes (e.g. SHA-256) in newer ones.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+EngineHash = int | bytes
+
+
+class KVCacheEvent(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, tag=True):
+    """Base of the tagged union; the tag is the class name."""
+
+
+class BlockStored(KVCacheEvent):
+    block_hashes: list[EngineHash]
+    #: Engine hash of the block just before the first one here; None = chain start.
+    parent_block_hash: EngineHash | None
+    #: Tokens of all the blocks, concatenated (len = len(block_hashes) * block_size).
+    token_ids: list[int]
+    block_size: int
+    lora_id: int | None = None  # deprecated by vLLM in favour of lora_name
+    #: "GPU", "CPU", ...; None means GPU.
+    medium: str | None = None
+    lora_name: str | None = None
+    #: One entry per block (multimodal hashes, cache salt) in recent vLLM; opaque to us.
+    extra_keys: list[Any] | None = None
+
+
+class BlockRemoved(KVCacheEvent):
+    block_hashes: list[EngineHash]
+    medium: str | None = None
+
+
+class AllBlocksCleared(KVCacheEvent):
+    pass
+
+
+KVEvent = BlockStored | BlockRemoved | AllBlocksCleared
+
+
+class KVEventBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    ts: float
+    events: list[KVEvent]
+    data_parallel_rank: int | None = None
+
+
+# ------------------------------------------------------------------------------------- map form
+# Newer vLLM releases may put maps on the wire: each event a map with a "type" key naming the
+# class, the batch a map of its field names. The map structs subclass the array ones, so
+# `isinstance(event, BlockStored)` holds for either form and consumers see one set of types.
+
+
+class BlockStoredMap(BlockStored, array_like=False, tag_field="type", tag="BlockStored"):
+    pass
+
+
+class BlockRemovedMap(BlockRemoved, array_like=False, tag_field="type", tag="BlockRemoved"):
+    pass
+
+
+class AllBlocksClearedMap(
+    AllBlocksCleared, array_like=False, tag_field="type", tag="AllBlocksCleared"
+):
+    pass
+
+
+KVEventMap = BlockStoredMap | BlockRemovedMap | AllBlocksClearedMap
+
+
+class KVEventBatchMap(msgspec.Struct, omit_defaults=True, gc=False):
+    ts: float
+    events: list[KVEventMap]
+    data_parallel_rank: int | None = None

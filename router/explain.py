@@ -1,0 +1,145 @@
+"""`kvroute explain`: route one request against a described fleet and show why.
+
+Loads a router config with a static fleet, seeds the default prefix index and each pod's
+metrics from a small state file ("pod X holds these prompts, has this load"), schedules one
+request without committing it, and prints the per-pod table (prefix hit, each scorer, weights,
+total, the pick and, in P/D, the prefill pick).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from router.config import ConfigError, RouterConfig, load_config
+from router.pods import MetricsSnapshot
+from router.request import RequestError, RoutingRequest, parse_request
+from router.scheduler import Decision, Scheduler
+
+
+def _bundled(name: str) -> Path:
+    return Path(str(resources.files("router") / "data" / name))
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "explain",
+        help="route one request against a described fleet and print the per-pod scores",
+        description="With no arguments, uses the bundled example fleet, state and prompt.",
+    )
+    p.add_argument("--config", type=Path, default=None, help="router config YAML")
+    p.add_argument(
+        "--state",
+        type=Path,
+        default=None,
+        help="fleet state YAML: per pod, the prompts it holds and its load (default: bundled)",
+    )
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help="completion prompt to route")
+    src.add_argument("--body", type=Path, help="OpenAI request body (JSON file) to route")
+    p.add_argument("--profile", default=None, help="scheduling profile to run")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run)
+
+
+def seed_state(sched: Scheduler, state: dict[str, Any], model: str) -> None:
+    """Put each pod's held prompts into the default prefix index and its load into metrics."""
+    index = sched.prefix_index()
+    for endpoint, info in (state.get("pods") or {}).items():
+        if endpoint not in sched.registry:
+            raise ConfigError(f"state names pod {endpoint!r}, which the config does not list")
+        info = info or {}
+        for prompt in info.get("holds") or []:
+            req = RoutingRequest(model=model, prompt=prompt, segments=(prompt,))
+            index.add_blocks(endpoint, sched.keyer.keys(req))
+        sched.registry.set_metrics(
+            endpoint,
+            MetricsSnapshot(
+                waiting=int(info.get("waiting", 0)),
+                running=int(info.get("running", 0)),
+                kv_utilization=float(info.get("kv_utilization", 0.0)),
+                taken_at=0.0,
+            ),
+        )
+
+
+def _weights(config: RouterConfig, profile: str) -> dict[str, float]:
+    for ps in config.profiles:
+        if ps.name == profile:
+            return {r.ref: r.weight for r in ps.plugins}
+    return {}
+
+
+def render_table(decision: Decision, config: RouterConfig) -> str:
+    data = decision.explain()
+    weights = _weights(config, decision.profile)
+    names = list(data["pods"][0]["scores"]) if data["pods"] else []
+    header = ["pod", "prefix hit", *[f"{n} (x{weights.get(n, 1):g})" for n in names], "total"]
+    rows = []
+    for pod in sorted(data["pods"], key=lambda p: -p["total"]):
+        mark = " <- pick" if pod["endpoint"] == decision.target else ""
+        if pod["endpoint"] in decision.fallbacks:
+            mark = " (fallback)"
+        rows.append(
+            [
+                pod["endpoint"],
+                f"{pod['prefix_hit']:.0%}",
+                *[f"{pod['scores'][n]:.3f}" for n in names],
+                f"{pod['total']:.3f}{mark}",
+            ]
+        )
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    lines.append("")
+    lines.append(
+        f"profile {decision.profile}: pick {decision.target}; prompt {decision.prompt_tokens} "
+        f"tokens, {decision.uncached_tokens} uncached on the prefilling pod"
+    )
+    if decision.prefill:
+        lines.append(f"prefill pick: {decision.prefill} (P/D: remote prefill)")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config or _bundled("explain-config.yaml"))
+        state_path = args.state or (None if args.config else _bundled("explain-state.yaml"))
+        state = yaml.safe_load(state_path.read_text()) if state_path else {}
+        state = state or {}
+        model = state.get("model") or next(
+            (m for p in config.pods for m in sorted(p.models)), "default"
+        )
+        if args.body:
+            raw = args.body.read_bytes()
+            kind = "/v1/chat/completions" if b'"messages"' in raw else "/v1/completions"
+            req = parse_request(raw, kind, settings=config.request)
+        else:
+            prompt = args.prompt if args.prompt is not None else state.get("prompt")
+            if prompt is None:
+                print("kvroute explain: give --prompt or --body", file=sys.stderr)
+                return 2
+            req = parse_request(
+                {"model": model, "prompt": prompt}, "/v1/completions", settings=config.request
+            )
+        sched = Scheduler(config)
+        seed_state(sched, state, model)
+        decision = sched.schedule(req, profile=args.profile, now=0.0)
+    except (ConfigError, OSError, yaml.YAMLError) as e:
+        print(f"kvroute explain: {e}", file=sys.stderr)
+        return 2
+    except RequestError as e:
+        print(f"kvroute explain: request refused ({e.status}): {e.message}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(decision.explain(), indent=2))
+    else:
+        print(render_table(decision, config))
+    return 0

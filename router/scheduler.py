@@ -1,0 +1,428 @@
+"""The scheduler: request → filters → weighted scorers → picker → decision, plus the hooks.
+
+Owns profiles (filters + weighted scorers + picker), profile handlers (single, P/D), the
+decision and its explanation, and the router-side accounting every face shares: in-flight
+requests and uncached prefill tokens per pod, last-pick times, and the approximate prefix index
+fed by the scheduler's own picks. It does no I/O and never reads a clock of its own unless the
+caller gives none (the simulator passes virtual time).
+
+Faces call `schedule()` and then, as the request proceeds, `on_pick`, `on_first_token`,
+`on_complete` and `on_failure`; plugins that learn see only those hooks.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from router.blocks import BlockKeyer
+from router.config import RouterConfig
+from router.index import BlockIndex
+from router.pods import Pod, PodRegistry
+from router.request import RequestError, RoutingRequest
+from scorers.base import (
+    Filter,
+    LearningPlugin,
+    Picker,
+    PluginEnv,
+    SchedulingContext,
+    Scorer,
+    check_params,
+)
+from scorers.filters import HealthyFilter, ModelFilter
+from scorers.pickers import MaxScorePicker
+from scorers.registry import build_plugin, plugin_kind
+
+
+@dataclass(slots=True)
+class PodScore:
+    endpoint: str
+    #: Fraction of the request's blocks the pod holds as a consecutive prefix (default index).
+    prefix_hit: float
+    scores: dict[str, float]
+    total: float
+
+
+@dataclass(slots=True)
+class ProfileResult:
+    profile: str
+    #: Candidates that passed the filters, best first per the picker.
+    ranked: list[str]
+    pods: list[PodScore]
+
+
+@dataclass(slots=True)
+class Decision:
+    request: RoutingRequest
+    #: Where the request goes (the decode pod in P/D).
+    target: str
+    #: Next-best pods, for retries (primary first in `endpoints`).
+    fallbacks: list[str]
+    #: Pod that prefills remotely in P/D, or None.
+    prefill: str | None
+    profile: str
+    results: dict[str, ProfileResult]
+    #: Uncached prompt tokens on the pod that will prefill (prefill pod, else target).
+    uncached_tokens: int
+    prompt_tokens: int
+    #: Scheduling time in seconds (for metrics).
+    elapsed_s: float = 0.0
+    _charged: list[tuple[str, int]] = field(default_factory=list)
+    _done: bool = False
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [self.target, *self.fallbacks]
+
+    def explain(self) -> dict[str, Any]:
+        """The decision as plain JSON data (the `kvroute explain --json` shape)."""
+        main = self.results.get(self.profile)
+        pods = [
+            {
+                "endpoint": s.endpoint,
+                "prefix_hit": round(s.prefix_hit, 6),
+                "scores": {k: round(v, 6) for k, v in s.scores.items()},
+                "total": round(s.total, 6),
+            }
+            for s in (main.pods if main else [])
+        ]
+        out: dict[str, Any] = {
+            "pick": self.target,
+            "prefill_pick": self.prefill,
+            "fallbacks": self.fallbacks,
+            "profile": self.profile,
+            "prompt_tokens": self.prompt_tokens,
+            "uncached_tokens": self.uncached_tokens,
+            "pods": pods,
+        }
+        if self.prefill is not None or len(self.results) > 1:
+            out["profiles"] = {
+                name: {
+                    "ranked": r.ranked,
+                    "pods": [
+                        {"endpoint": s.endpoint, "total": round(s.total, 6)} for s in r.pods
+                    ],
+                }
+                for name, r in self.results.items()
+            }
+        return out
+
+
+class Profile:
+    """Filters, weighted scorers and one picker, run in that order."""
+
+    def __init__(
+        self,
+        name: str,
+        filters: list[Filter],
+        scorers: list[tuple[Scorer, float]],
+        picker: Picker,
+        prefix_mode: str,
+    ) -> None:
+        self.name = name
+        self.filters = filters
+        self.scorers = scorers
+        self.picker = picker
+        self.prefix_mode = prefix_mode
+
+    def run(self, ctx: SchedulingContext, pods: list[Pod]) -> ProfileResult:
+        for f in self.filters:
+            pods = f.filter(ctx, pods)
+            if not pods:
+                return ProfileResult(self.name, [], [])
+        n = len(pods)
+        totals = [0.0] * n
+        per_scorer: list[tuple[str, list[float]]] = []
+        for scorer, weight in self.scorers:
+            values = scorer.score(ctx, pods)
+            per_scorer.append((scorer.name, values))
+            if weight:
+                for i in range(n):
+                    totals[i] += weight * values[i]
+        order = self.picker.pick(ctx, totals)
+        nkeys = len(ctx.keys)
+        hits = ctx.prefix_hits(self.prefix_mode) if nkeys else {}
+        scored = [
+            PodScore(
+                p.endpoint,
+                hits.get(p.endpoint, 0.0) / nkeys if nkeys else 0.0,
+                {name: values[i] for name, values in per_scorer},
+                totals[i],
+            )
+            for i, p in enumerate(pods)
+        ]
+        return ProfileResult(self.name, [pods[i].endpoint for i in order], scored)
+
+
+class SingleProfileHandler:
+    def __init__(self, params: dict[str, Any], profiles: dict[str, Profile]) -> None:
+        check_params("single-profile-handler", params, {"profile": str})
+        self.profile = params.get("profile") or next(iter(profiles))
+        if self.profile not in profiles:
+            raise ValueError(f"single-profile-handler: no profile '{self.profile}'")
+
+    def run(
+        self, sched: Scheduler, ctx: SchedulingContext, pods: list[Pod], profile: str | None
+    ) -> tuple[str, dict[str, ProfileResult], str | None]:
+        name = profile or self.profile
+        result = sched.profiles[name].run(ctx, pods)
+        return name, {name: result}, None
+
+
+class PDProfileHandler:
+    """Run the decode profile; when the prompt's uncached part on the chosen decode pod is
+    above `threshold` tokens (0 = always), also run the prefill profile for a remote prefill."""
+
+    def __init__(self, params: dict[str, Any], profiles: dict[str, Profile], mode: str) -> None:
+        check_params(
+            "pd-profile-handler",
+            params,
+            {"threshold": int, "decodeProfile": str, "prefillProfile": str, "mode": str},
+        )
+        t = params.get("threshold")
+        self.threshold = 256 if t is None else int(t)
+        self.decode = params.get("decodeProfile") or "decode"
+        self.prefill = params.get("prefillProfile") or "prefill"
+        for p in (self.decode, self.prefill):
+            if p not in profiles:
+                raise ValueError(f"pd-profile-handler: no profile '{p}' in schedulingProfiles")
+        m = params.get("mode") or "auto"
+        self.mode = mode if m == "auto" else m
+
+    def run(
+        self, sched: Scheduler, ctx: SchedulingContext, pods: list[Pod], profile: str | None
+    ) -> tuple[str, dict[str, ProfileResult], str | None]:
+        decode = sched.profiles[self.decode].run(ctx, pods)
+        results = {self.decode: decode}
+        if not decode.ranked:
+            return self.decode, results, None
+        uncached = ctx.uncached_tokens(decode.ranked[0], self.mode)
+        if self.threshold and uncached <= self.threshold:
+            return self.decode, results, None
+        pre = sched.profiles[self.prefill].run(ctx, pods)
+        results[self.prefill] = pre
+        return self.decode, results, (pre.ranked[0] if pre.ranked else None)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        config: RouterConfig,
+        registry: PodRegistry | None = None,
+        precise_index: BlockIndex | None = None,
+        keyer: BlockKeyer | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        seed: int | None = None,
+        max_fallbacks: int = 2,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.registry = registry if registry is not None else PodRegistry()
+        if registry is None:
+            for pod in config.pods:
+                self.registry.upsert(pod)
+        self.keyer = keyer if keyer is not None else BlockKeyer.from_config(config.blocks)
+        pi = config.prefix_index
+        self.precise_index = precise_index if precise_index is not None else BlockIndex(
+            tier_weights=pi.tier_weights
+        )
+        self.approx_index = BlockIndex(
+            capacity_per_pod=pi.lru_capacity_per_pod, ttl_s=pi.ttl_s, tier_weights=pi.tier_weights
+        )
+        self.indexes = {"precise": self.precise_index, "approximate": self.approx_index}
+        if pi.mode == "auto":
+            self.default_prefix_mode = "precise" if precise_index is not None else "approximate"
+        else:
+            self.default_prefix_mode = pi.mode
+        for index in self.indexes.values():
+            self.registry.on_remove(index.drop_pod)
+        self.rng = random.Random(seed if seed is not None else config.seed)
+        self.max_fallbacks = max_fallbacks
+        env = PluginEnv(self.registry, self.default_prefix_mode, self.indexes)
+        self.plugins: dict[str, Any] = {}
+        for spec in config.plugins:
+            if plugin_kind(spec.type) is not None:
+                self.plugins[spec.name] = build_plugin(spec.type, spec.name, dict(spec.parameters), env)
+        self.profiles: dict[str, Profile] = {}
+        for ps in config.profiles:
+            filters, scorers, picker = [], [], None
+            for ref in ps.plugins:
+                plugin = self.plugins[ref.ref]
+                kind = plugin_kind(next(p.type for p in config.plugins if p.name == ref.ref))
+                if kind == "filter":
+                    filters.append(plugin)
+                elif kind == "scorer":
+                    scorers.append((plugin, ref.weight))
+                else:
+                    picker = plugin
+            self.profiles[ps.name] = Profile(
+                ps.name,
+                filters,
+                scorers,
+                picker or MaxScorePicker("max-score-picker", {}, env),
+                self.default_prefix_mode,
+            )
+        hspec = config.handler
+        if hspec.type == "pd-profile-handler":
+            self.handler: SingleProfileHandler | PDProfileHandler = PDProfileHandler(
+                dict(hspec.parameters), self.profiles, self.default_prefix_mode
+            )
+        else:
+            self.handler = SingleProfileHandler(dict(hspec.parameters), self.profiles)
+        self._learners = [p for p in self.plugins.values() if isinstance(p, LearningPlugin)]
+        self._record_approx = self._uses_mode("approximate")
+        self._model_filter = ModelFilter("model-filter", {}, env)
+        self._healthy_filter = HealthyFilter("healthy-filter", {}, env)
+
+    def _uses_mode(self, mode: str) -> bool:
+        if self.default_prefix_mode == mode:
+            return True
+        return any(getattr(p, "mode", None) == mode for p in self.plugins.values())
+
+    # ------------------------------------------------------------------ scheduling
+    def schedule(
+        self,
+        req: RoutingRequest,
+        profile: str | None = None,
+        subset: Collection[str] | None = None,
+        now: float | None = None,
+    ) -> Decision:
+        """Pick the pod(s) for `req`. Raises `RequestError` 404 (no pod serves the model),
+        503 (none healthy / none in `subset` / a profile's filters leave none), 429 (sheddable
+        and every candidate saturated)."""
+        t0 = time.perf_counter()
+        if now is None:
+            now = self.clock()
+        if profile is not None and profile not in self.profiles:
+            raise RequestError(400, f"unknown scheduling profile '{profile}'", "unknown_profile")
+        keys = self.keyer.keys(req)
+        ctx = SchedulingContext(
+            request=req,
+            now=now,
+            keys=keys,
+            prompt_tokens=self.keyer.token_count(req),
+            tokens_per_block=self.config.blocks.tokens_per_block,
+            rng=self.rng,
+            _lookup=lambda mode: self.indexes[mode].longest_prefix(keys),
+        )
+        pods = self._model_filter.filter(ctx, self.registry.all())
+        if not pods:
+            raise RequestError(404, f"model '{req.model}' is not served by any pod", "model_not_found")
+        if subset is not None:
+            allowed = set(subset)
+            pods = [p for p in pods if p.endpoint in allowed]
+            if not pods:
+                raise RequestError(503, "no pod of the subset hint serves the request", "no_pod")
+        pods = self._healthy_filter.filter(ctx, pods)
+        if not pods:
+            raise RequestError(503, f"no healthy pod serves model '{req.model}'", "no_healthy_pod")
+        if req.sheddable and all(self._saturated(p) for p in pods):
+            raise RequestError(429, "all pods are saturated; sheddable request refused", "shed")
+        if profile is not None and isinstance(self.handler, PDProfileHandler):
+            profile = None  # P/D chooses its own profiles
+        name, results, prefill = self.handler.run(self, ctx, pods, profile)
+        main = results[name]
+        if not main.ranked:
+            raise RequestError(
+                503, f"no pod passes the filters of profile '{name}'", "no_candidate"
+            )
+        target = main.ranked[0]
+        mode = self.default_prefix_mode
+        uncached = ctx.uncached_tokens(prefill or target, mode)
+        return Decision(
+            request=req,
+            target=target,
+            fallbacks=main.ranked[1 : 1 + self.max_fallbacks],
+            prefill=prefill,
+            profile=name,
+            results=results,
+            uncached_tokens=uncached,
+            prompt_tokens=ctx.prompt_tokens,
+            elapsed_s=time.perf_counter() - t0,
+        )
+
+    def _saturated(self, pod: Pod) -> bool:
+        s = self.config.saturation
+        m = pod.metrics
+        return m.waiting > s.queue_threshold or m.kv_utilization > s.kv_threshold
+
+    # ------------------------------------------------------------------ hooks
+    def on_pick(self, decision: Decision, now: float | None = None) -> None:
+        """The face committed to `decision`: account the load and learn from it."""
+        if now is None:
+            now = self.clock()
+        worker = decision.prefill or decision.target
+        for ep in {decision.target, worker}:
+            pod = self.registry.get(ep)
+            if pod is not None:
+                pod.last_picked_at = now
+        target = self.registry.get(decision.target)
+        if target is not None:
+            target.inflight_requests += 1
+        wpod = self.registry.get(worker)
+        if wpod is not None and decision.uncached_tokens:
+            wpod.inflight_prefill_tokens += decision.uncached_tokens
+            decision._charged.append((worker, decision.uncached_tokens))
+        if self._record_approx and decision.request.block_keys:
+            keys = decision.request.block_keys
+            self.approx_index.add_blocks(decision.target, keys, now=now)
+            if decision.prefill:
+                self.approx_index.add_blocks(decision.prefill, keys, now=now)
+        for p in self._learners:
+            p.on_pick(decision, now)
+
+    def on_first_token(self, decision: Decision, now: float | None = None) -> None:
+        """Prefill is done: release the uncached tokens charged to the prefilling pod."""
+        if now is None:
+            now = self.clock()
+        self._release_prefill(decision)
+        for p in self._learners:
+            p.on_first_token(decision, now)
+
+    def on_complete(
+        self, decision: Decision, usage: dict[str, Any] | None = None, now: float | None = None
+    ) -> None:
+        if now is None:
+            now = self.clock()
+        if self._finish(decision):
+            for p in self._learners:
+                p.on_complete(decision, usage, now)
+
+    def on_failure(self, decision: Decision, endpoint: str, now: float | None = None) -> None:
+        """The request failed on `endpoint`: release its load and forget what it would have
+        cached there."""
+        if now is None:
+            now = self.clock()
+        if self._record_approx and decision.request.block_keys:
+            self.approx_index.remove_keys(endpoint, decision.request.block_keys)
+        if self._finish(decision):
+            for p in self._learners:
+                p.on_failure(decision, endpoint, now)
+
+    def _release_prefill(self, decision: Decision) -> None:
+        for ep, tokens in decision._charged:
+            pod = self.registry.get(ep)
+            if pod is not None:
+                pod.inflight_prefill_tokens = max(0, pod.inflight_prefill_tokens - tokens)
+        decision._charged.clear()
+
+    def _finish(self, decision: Decision) -> bool:
+        if decision._done:
+            return False
+        decision._done = True
+        self._release_prefill(decision)
+        pod = self.registry.get(decision.target)
+        if pod is not None:
+            pod.inflight_requests = max(0, pod.inflight_requests - 1)
+        return True
+
+    # ------------------------------------------------------------------ helpers
+    def prefix_index(self) -> BlockIndex:
+        """The index plugins read by default (what `explain` seeds and events feed)."""
+        return self.indexes[self.default_prefix_mode]
+
+    def profile_names(self) -> Sequence[str]:
+        return list(self.profiles)
