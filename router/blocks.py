@@ -137,6 +137,8 @@ class PrefixTokenizer:
         plain = self.encode_plain(probe)
         full = self._tok.encode(probe, add_special_tokens=True).ids
         n = len(plain)
+        if not n:
+            return [], []
         for start in range(len(full) - n + 1):
             if full[start : start + n] == plain:
                 return full[:start], full[start + n :]

@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from router.blocks import BlockConfig
+from router.discovery.pod_list import PodListError, pods_from_yaml_list
 from router.pods import Pod, Role
 from router.request import RequestSettings
 
@@ -118,10 +119,10 @@ class ProfileSpec:
 @dataclass(frozen=True, slots=True)
 class RouterConfig:
     pods: tuple[Pod, ...] = ()
-    blocks: BlockConfig = BlockConfig()
-    prefix_index: PrefixIndexSettings = PrefixIndexSettings()
-    request: RequestSettings = RequestSettings()
-    saturation: SaturationSettings = SaturationSettings()
+    blocks: BlockConfig = field(default_factory=BlockConfig)
+    prefix_index: PrefixIndexSettings = field(default_factory=PrefixIndexSettings)
+    request: RequestSettings = field(default_factory=RequestSettings)
+    saturation: SaturationSettings = field(default_factory=SaturationSettings)
     plugins: tuple[PluginSpec, ...] = ()
     profiles: tuple[ProfileSpec, ...] = ()
     #: Seed of the pickers' random tie-breaks (None = from the OS).
@@ -182,7 +183,7 @@ def load_config(path: str | Path) -> RouterConfig:
 
 def parse_config(text: str, source: str = "<string>") -> RouterConfig:
     try:
-        doc = yaml.load(text, Loader=_LineLoader)  # noqa: S506 - SafeLoader subclass
+        doc = yaml.load(text, Loader=_LineLoader)
     except yaml.YAMLError as e:
         raise ConfigError(f"{source}: not valid YAML: {e}") from e
     if doc is None:
@@ -219,7 +220,10 @@ def _build(doc: dict, source: str) -> RouterConfig:
                 f"(known: {', '.join(sorted(_TOP_LEVEL))})"
             )
     ctx = _Ctx(source)
-    pods = tuple(_parse_pods(doc.get("pods") or [], ctx))
+    try:
+        pods = tuple(pods_from_yaml_list(doc.get("pods"), source, _line_of))
+    except PodListError as e:
+        raise ConfigError(str(e)) from None
     blocks = ctx.dataclass(BlockConfig, doc.get("blocks"), "blocks", _line_of(doc, "blocks"))
     if blocks.mode not in ("tokens", "chars"):
         raise ConfigError(f"{source}: blocks.mode must be 'tokens' or 'chars'")
@@ -236,7 +240,9 @@ def _build(doc: dict, source: str) -> RouterConfig:
     )
     if prefix_index.mode not in ("auto", "precise", "approximate"):
         raise ConfigError(f"{source}: prefix_index.mode must be auto, precise or approximate")
-    request = ctx.dataclass(RequestSettings, doc.get("request"), "request", _line_of(doc, "request"))
+    request = ctx.dataclass(
+        RequestSettings, doc.get("request"), "request", _line_of(doc, "request")
+    )
     saturation = ctx.dataclass(
         SaturationSettings, doc.get("saturation"), "saturation", _line_of(doc, "saturation")
     )
@@ -244,7 +250,7 @@ def _build(doc: dict, source: str) -> RouterConfig:
         plugins_doc, profiles_doc = doc.get("plugins") or [], doc.get("schedulingProfiles") or []
         pctx = ctx
     else:
-        default = yaml.load(DEFAULT_PLUGINS_YAML, Loader=_LineLoader)  # noqa: S506
+        default = yaml.load(DEFAULT_PLUGINS_YAML, Loader=_LineLoader)
         plugins_doc, profiles_doc = default["plugins"], default["schedulingProfiles"]
         pctx = _Ctx("<default profile>")
     plugins = tuple(_parse_plugins(plugins_doc, pctx))
@@ -356,58 +362,6 @@ class _Ctx:
         return value
 
 
-_POD_FIELDS = {
-    "endpoint": str,
-    "role": Role,
-    "labels": dict[str, str],
-    "models": list[str],
-    "adapters": list[str],
-    "kv_events_endpoint": str | None,
-    "kv_replay_endpoint": str | None,
-}
-
-
-def _parse_pods(items: Any, ctx: _Ctx) -> list[Pod]:
-    if not isinstance(items, list):
-        raise ctx.err(_line_of(items), "'pods' must be a list")
-    pods: list[Pod] = []
-    seen: set[str] = set()
-    for i, item in enumerate(items):
-        line = _line_of(item)
-        if not isinstance(item, dict):
-            raise ctx.err(line, f"pods[{i}] must be a mapping with at least 'endpoint'")
-        values: dict[str, Any] = {}
-        for key, value in item.items():
-            kline = _line_of(item, key)
-            hint = _POD_FIELDS.get(key)
-            if hint is None:
-                raise ctx.err(
-                    kline, f"unknown field 'pods[{i}].{key}' (known: {', '.join(_POD_FIELDS)})"
-                )
-            values[key] = ctx.coerce(value, hint, f"pods[{i}].{key}", kline)
-        ep = values.get("endpoint")
-        if not ep:
-            raise ctx.err(line, f"pods[{i}] needs 'endpoint' (host:port)")
-        host, sep, port = ep.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ctx.err(line, f"pods[{i}].endpoint must be host:port, got {ep!r}")
-        if ep in seen:
-            raise ctx.err(line, f"pods[{i}].endpoint {ep!r} is listed twice")
-        seen.add(ep)
-        pods.append(
-            Pod(
-                endpoint=ep,
-                role=values.get("role", Role.BOTH),
-                labels={str(k): str(v) for k, v in values.get("labels", {}).items()},
-                models=frozenset(values.get("models", [])),
-                adapters=frozenset(values.get("adapters", [])),
-                kv_events_endpoint=values.get("kv_events_endpoint"),
-                kv_replay_endpoint=values.get("kv_replay_endpoint"),
-            )
-        )
-    return pods
-
-
 def _parse_plugins(items: Any, ctx: _Ctx) -> list[PluginSpec]:
     from scorers.registry import PLUGINS
 
@@ -430,9 +384,7 @@ def _parse_plugins(items: Any, ctx: _Ctx) -> list[PluginSpec]:
             raise ctx.err(line, f"plugins[{i}] needs a 'type'")
         if ptype not in PLUGINS and ptype not in PROFILE_HANDLERS:
             known = ", ".join(sorted([*PLUGINS, *PROFILE_HANDLERS]))
-            raise ctx.err(
-                _line_of(item, "type"), f"unknown plugin type '{ptype}' (known: {known})"
-            )
+            raise ctx.err(_line_of(item, "type"), f"unknown plugin type '{ptype}' (known: {known})")
         name = item.get("name") or ptype
         if not isinstance(name, str):
             raise ctx.err(_line_of(item, "name"), f"plugins[{i}].name must be a string")

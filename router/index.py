@@ -107,14 +107,19 @@ class BlockIndex:
         tier: Tier = Tier.GPU,
         now: float = 0.0,
     ) -> None:
-        """Record that `pod` holds `keys` (in `tier`); re-adding touches them (LRU)."""
+        """Record that `pod` holds `keys` (in `tier`); re-adding touches them (LRU).
+
+        Keys are touched last-to-first, so a chain's leading blocks are the most recently
+        used and a bounded index evicts a chain from its tail, as vLLM does: evicting the head
+        first would leave the rest of the chain unmatchable but still taking capacity.
+        """
         if engine_hashes is not None and len(engine_hashes) != len(keys):
             raise ValueError("engine_hashes and keys differ in length")
         pb = self._pod(pod)
         bit = 1 << pb.slot
         holders = self._holders
         pkeys = pb.keys
-        for key in keys:
+        for key in reversed(keys):
             holders[key] = holders.get(key, 0) | bit
             if key in pkeys:
                 del pkeys[key]
@@ -132,13 +137,13 @@ class BlockIndex:
                 for key in oldest:
                     self._unlink(pb, key)
 
-    def touch(self, pod: str, keys: Iterable[int], now: float) -> None:
-        """Mark keys the pod holds as recently used (moves them to the LRU tail)."""
+    def touch(self, pod: str, keys: Sequence[int], now: float) -> None:
+        """Mark keys the pod holds as recently used (last-to-first, as `add_blocks`)."""
         pb = self._pods.get(pod)
         if pb is None:
             return
         pkeys = pb.keys
-        for key in keys:
+        for key in reversed(keys):
             if key in pkeys:
                 del pkeys[key]
                 pkeys[key] = now

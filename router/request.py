@@ -178,7 +178,8 @@ class ChatTemplate:
 
     The environment is sandboxed and immutable; templates get `raise_exception`,
     `strftime_now`, a `tojson` that keeps non-ASCII text, `bos_token`/`eos_token` from the
-    tokenizer config, and a pass-through `{% generation %}` block.
+    tokenizer config, and a pass-through `{% generation %}` block. Not thread-safe: the
+    remembered message-prefix renderings are shared by every call (one event loop).
     """
 
     def __init__(
@@ -437,14 +438,12 @@ def parse_request(
 
 
 def _kind_of_path(path: str) -> RequestKind:
-    p = path.split("?", 1)[0].rstrip("/")
-    if p.startswith("/v1/"):
+    p = path.split("?", 1)[0].strip("/")
+    if p.startswith("v1/"):
         p = p[3:]
-    elif not p.startswith("/"):
-        p = "/" + p
-    if p == "/completions":
+    if p == "completions":
         return "completions"
-    if p == "/chat/completions":
+    if p == "chat/completions":
         return "chat"
     raise RequestError(404, f"no route for path '{path}'", code="unknown_path")
 
@@ -453,8 +452,8 @@ def _decode_body(raw: bytes | str | dict[str, Any], limit: int) -> dict[str, Any
     if isinstance(raw, dict):
         return raw
     if isinstance(raw, str):
-        # Characters ≤ bytes ≤ 4 × characters: encode only when the count can't decide.
-        size = len(raw) if len(raw) > limit or len(raw) * 4 <= limit else len(raw.encode())
+        # A character is at most 4 UTF-8 bytes: short strings pass without encoding.
+        size = len(raw) if len(raw) * 4 <= limit else len(raw.encode("utf-8", "surrogatepass"))
     elif isinstance(raw, bytes | bytearray | memoryview):
         size = len(raw)
     else:
@@ -468,15 +467,29 @@ def _decode_body(raw: bytes | str | dict[str, Any], limit: int) -> dict[str, Any
     try:
         body = _json_decode(raw)
     except msgspec.DecodeError as e:
-        detail = str(e).removeprefix("JSON is malformed: ")
-        if "truncated" in detail:
-            detail = f"input ends early (at byte {size})"
-        raise RequestError(400, f"body is not valid JSON: {detail}", code="invalid_json") from e
+        raise RequestError(400, _json_problem(raw, e), code="invalid_json") from e
+    except UnicodeError as e:  # bad UTF-8 in a bytes body, a lone surrogate in a str body
+        raise RequestError(400, f"body is not valid UTF-8 text: {e}", code="invalid_json") from e
     if not isinstance(body, dict):
         raise RequestError(
             400, f"body must be a JSON object, not {_json_type(body)}", code="invalid_json"
         )
     return body
+
+
+def _json_problem(raw: bytes | str | bytearray | memoryview, error: Exception) -> str:
+    detail = str(error).removeprefix("JSON is malformed: ")
+    if "truncated" not in detail:
+        return f"body is not valid JSON: {detail}"
+    # msgspec says "truncated" without a position, and says it too for an unpaired
+    # \\uD800-\\uDFFF escape (valid JSON, but not text a prompt can hold).
+    try:
+        json.loads(bytes(raw) if isinstance(raw, memoryview | bytearray) else raw)
+    except ValueError as e:
+        where = f" (char {e.pos})" if isinstance(e, json.JSONDecodeError) else ""
+        msg = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
+        return f"body is not valid JSON: {msg}{where}"
+    return "body holds an unpaired UTF-16 surrogate escape, which is not text"
 
 
 def _completion_prompt(body: dict[str, Any]) -> tuple[str, list[int] | None, int]:

@@ -102,9 +102,7 @@ class Decision:
             out["profiles"] = {
                 name: {
                     "ranked": r.ranked,
-                    "pods": [
-                        {"endpoint": s.endpoint, "total": round(s.total, 6)} for s in r.pods
-                    ],
+                    "pods": [{"endpoint": s.endpoint, "total": round(s.total, 6)} for s in r.pods],
                 }
                 for name, r in self.results.items()
             }
@@ -226,8 +224,8 @@ class Scheduler:
                 self.registry.upsert(pod)
         self.keyer = keyer if keyer is not None else BlockKeyer.from_config(config.blocks)
         pi = config.prefix_index
-        self.precise_index = precise_index if precise_index is not None else BlockIndex(
-            tier_weights=pi.tier_weights
+        self.precise_index = (
+            precise_index if precise_index is not None else BlockIndex(tier_weights=pi.tier_weights)
         )
         self.approx_index = BlockIndex(
             capacity_per_pod=pi.lru_capacity_per_pod, ttl_s=pi.ttl_s, tier_weights=pi.tier_weights
@@ -245,7 +243,9 @@ class Scheduler:
         self.plugins: dict[str, Any] = {}
         for spec in config.plugins:
             if plugin_kind(spec.type) is not None:
-                self.plugins[spec.name] = build_plugin(spec.type, spec.name, dict(spec.parameters), env)
+                self.plugins[spec.name] = build_plugin(
+                    spec.type, spec.name, dict(spec.parameters), env
+                )
         self.profiles: dict[str, Profile] = {}
         for ps in config.profiles:
             filters, scorers, picker = [], [], None
@@ -310,7 +310,9 @@ class Scheduler:
         )
         pods = self._model_filter.filter(ctx, self.registry.all())
         if not pods:
-            raise RequestError(404, f"model '{req.model}' is not served by any pod", "model_not_found")
+            raise RequestError(
+                404, f"model '{req.model}' is not served by any pod", "model_not_found"
+            )
         if subset is not None:
             allowed = set(subset)
             pods = [p for p in pods if p.endpoint in allowed]

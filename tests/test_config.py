@@ -18,7 +18,7 @@ def test_empty_config_gets_every_default() -> None:
     assert cfg.blocks.mode == "chars" and cfg.blocks.block_size == 16
     assert cfg.prefix_index.lru_capacity_per_pod == 31_250
     assert cfg.handler.type == "single-profile-handler"
-    assert [r.ref for r in cfg.profiles[0].plugins][0] == "prefix-cache-scorer"
+    assert cfg.profiles[0].plugins[0].ref == "prefix-cache-scorer"
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -43,9 +43,9 @@ def test_pd_example_has_roles_and_handler() -> None:
         ("blocks:\n  mode: chars\n  chunk: 3\n", "<t>:3: unknown field 'blocks.chunk'"),
         ("nonsense: 1\n", "<t>:1: unknown field 'nonsense'"),
         ("blocks: {block_size: sixteen}\n", "'blocks.block_size' must be an integer"),
-        ("pods:\n  - endpoint: nohost\n", "<t>:2: pods[0].endpoint must be host:port"),
-        ("pods:\n  - {endpoint: a:1, colour: red}\n", "unknown field 'pods[0].colour'"),
-        ("pods:\n  - {endpoint: a:1, role: boss}\n", "'pods[0].role' must be one of"),
+        ("pods:\n  - endpoint: nohost\n", "<t>:2: pods[0].endpoint: 'nohost' is not 'host:port'"),
+        ("pods:\n  - {endpoint: a:1, colour: red}\n", "pods[0]: unknown field 'colour'"),
+        ("pods:\n  - {endpoint: a:1, role: boss}\n", "pods[0].role: 'boss' is not one of"),
         ("plugins:\n  - type: magic-scorer\n", "<t>:2: unknown plugin type 'magic-scorer'"),
         (
             "plugins:\n  - type: queue-scorer\n    parameters: {depth: 3}\n"

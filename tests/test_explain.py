@@ -49,8 +49,9 @@ def test_explain_pd_config_with_body_file(tmp_path: Path) -> None:
             }
         )
     )
-    out = kvroute("explain", "--config", str(ROOT / "configs" / "pd.yaml"), "--body", str(body),
-                  "--json")
+    out = kvroute(
+        "explain", "--config", str(ROOT / "configs" / "pd.yaml"), "--body", str(body), "--json"
+    )
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
     assert data["pick"] in {"10.0.1.3:8000", "10.0.1.4:8000"}

@@ -73,9 +73,7 @@ def test_prefix_scorer_prefers_pod_holding_longest_prefix() -> None:
 
 
 def test_approximate_prefix_learns_from_its_own_picks() -> None:
-    s = make(
-        config_with(single([("prefix-cache-scorer", 3.0), ("active-request-scorer", 1.0)]))
-    )
+    s = make(config_with(single([("prefix-cache-scorer", 3.0), ("active-request-scorer", 1.0)])))
     first = s.schedule(req(PROMPT))
     s.on_pick(first)
     s.on_complete(first, {"prompt_tokens": 10})
@@ -104,8 +102,10 @@ def test_session_affinity_follows_last_pick_and_forgets_on_failure() -> None:
     for _ in range(5):
         assert s.schedule(req("b", session_key="s")).target == d1.target
     s.on_failure(d1, d1.target)
-    scores = {p.endpoint: p.scores["session-affinity-scorer"] for p in s.schedule(
-        req("c", session_key="s")).results["default"].pods}
+    scores = {
+        p.endpoint: p.scores["session-affinity-scorer"]
+        for p in s.schedule(req("c", session_key="s")).results["default"].pods
+    }
     assert set(scores.values()) == {0.0}
 
 
@@ -133,9 +133,7 @@ def test_uncached_tokens_scorer_avoids_pod_with_pending_prefill() -> None:
 
 def test_lora_affinity_prefers_pod_with_adapter_loaded() -> None:
     s = make(config_with(single([("lora-affinity-scorer", 1.0)])))
-    s.registry.set_metrics(
-        "10.0.0.4:8000", MetricsSnapshot(running_adapters=frozenset({"sql"}))
-    )
+    s.registry.set_metrics("10.0.0.4:8000", MetricsSnapshot(running_adapters=frozenset({"sql"})))
     for p in s.registry:
         p.adapters = frozenset({"sql"})
     assert s.schedule(req("q", model="sql", lora_adapter="sql")).target == "10.0.0.4:8000"
@@ -204,7 +202,8 @@ pods:
   - {{endpoint: 10.0.0.3:8000, labels: {{zone: b}}}}
 plugins:
   - {{type: by-label-selector, parameters: {{matchLabels: {{zone: b}}}}}}
-  - {{type: prefix-cache-affinity-filter, parameters: {{threshold: 0.5, explorationProbability: 0}}}}
+  - type: prefix-cache-affinity-filter
+    parameters: {{threshold: 0.5, explorationProbability: 0}}
   - {{type: random-picker}}
 schedulingProfiles:
   - name: default

@@ -1,0 +1,311 @@
+"""Polling of each pod's vLLM Prometheus `/metrics` page into `PodRegistry` snapshots.
+
+Owns the text-page parser (`parse_vllm_metrics`, pure) and the asyncio scrape loop
+(`MetricsScraper`). It writes only `registry.set_metrics` and `registry.set_health`; it never
+touches in-flight accounting or the block index.
+
+Failure policy: a failed scrape keeps the last values but marks them stale (`taken_at` stays, so
+scorers see the age grow); `unhealthy_after` consecutive failures mark the pod unhealthy until a
+scrape succeeds again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from router.pods import MetricsSnapshot, Pod, PodRegistry
+
+log = logging.getLogger(__name__)
+
+WAITING = "vllm:num_requests_waiting"
+RUNNING = "vllm:num_requests_running"
+KV_USAGE = "vllm:kv_cache_usage_perc"
+KV_USAGE_OLD = "vllm:gpu_cache_usage_perc"
+LORA_INFO = "vllm:lora_requests_info"
+CACHE_CONFIG = "vllm:cache_config_info"
+
+
+@dataclass(frozen=True, slots=True)
+class ScrapeSettings:
+    interval_s: float = 0.2
+    timeout_s: float = 1.0
+    #: Most scrapes in flight at once across the fleet.
+    concurrency: int = 16
+    #: Consecutive failed scrapes after which the pod is marked unhealthy.
+    unhealthy_after: int = 3
+    metrics_path: str = "/metrics"
+
+    def __post_init__(self) -> None:
+        if self.interval_s <= 0 or self.timeout_s <= 0:
+            raise ValueError("scrape interval_s and timeout_s must be > 0")
+        if self.concurrency < 1 or self.unhealthy_after < 1:
+            raise ValueError("scrape concurrency and unhealthy_after must be >= 1")
+        if not self.metrics_path.startswith("/"):
+            raise ValueError(f"scrape metrics_path must start with '/': {self.metrics_path!r}")
+
+
+class MetricsParseError(ValueError):
+    """The page is not Prometheus text, or carries none of vLLM's load gauges."""
+
+
+def parse_vllm_metrics(text: str, model: str | None = None, *, now: float) -> MetricsSnapshot:
+    """Read a vLLM `/metrics` page into a snapshot taken at `now`.
+
+    Request counts are summed across `engine` labels (data-parallel ranks); KV usage is their
+    mean, since each rank reports the fraction of its own cache. With `model`, only samples whose
+    `model_name` label equals it (or that carry no `model_name`) count. Unknown metrics are
+    ignored. Raises MetricsParseError on a page that does not parse or has neither
+    `vllm:num_requests_running` nor `vllm:num_requests_waiting`.
+    """
+    waiting = running = 0.0
+    kv_sum = 0.0
+    kv_engines = 0
+    kv_old_sum = 0.0
+    kv_old_engines = 0
+    seen_load = False
+    # Per engine, the lora_requests_info sample with the greatest value (= latest timestamp).
+    lora_latest: dict[str, tuple[float, str, str]] = {}
+    block_size: int | None = None
+    try:
+        for family in text_string_to_metric_families(text):
+            name = family.name
+            if name not in _KNOWN:
+                continue
+            for sample in family.samples:
+                labels = sample.labels
+                if model is not None and labels.get("model_name", model) != model:
+                    continue
+                value = sample.value
+                if name == RUNNING:
+                    running += value
+                    seen_load = True
+                elif name == WAITING:
+                    waiting += value
+                    seen_load = True
+                elif name == KV_USAGE:
+                    kv_sum += value
+                    kv_engines += 1
+                elif name == KV_USAGE_OLD:
+                    kv_old_sum += value
+                    kv_old_engines += 1
+                elif name == LORA_INFO:
+                    engine = labels.get("engine", "")
+                    best = lora_latest.get(engine)
+                    if best is None or value > best[0]:
+                        lora_latest[engine] = (
+                            value,
+                            labels.get("running_lora_adapters", ""),
+                            labels.get("waiting_lora_adapters", ""),
+                        )
+                elif name == CACHE_CONFIG and "block_size" in labels:
+                    block_size = int(labels["block_size"])
+    except MetricsParseError:
+        raise
+    except Exception as exc:  # the parser raises ValueError, but also others on odd bytes
+        raise MetricsParseError(f"not a Prometheus text page: {exc}") from exc
+    if not seen_load:
+        scope = f" for model {model!r}" if model is not None else ""
+        raise MetricsParseError(f"no {RUNNING} or {WAITING} samples{scope}")
+    if kv_engines:
+        kv = kv_sum / kv_engines
+    elif kv_old_engines:
+        kv = kv_old_sum / kv_old_engines
+    else:
+        kv = 0.0
+    running_adapters: set[str] = set()
+    waiting_adapters: set[str] = set()
+    for _, run, wait in lora_latest.values():
+        running_adapters.update(_split_names(run))
+        waiting_adapters.update(_split_names(wait))
+    return MetricsSnapshot(
+        waiting=int(waiting),
+        running=int(running),
+        kv_utilization=min(1.0, max(0.0, kv)),
+        running_adapters=frozenset(running_adapters),
+        waiting_adapters=frozenset(waiting_adapters),
+        block_size=block_size,
+        taken_at=now,
+        stale=False,
+    )
+
+
+_KNOWN = frozenset({WAITING, RUNNING, KV_USAGE, KV_USAGE_OLD, LORA_INFO, CACHE_CONFIG})
+
+
+def _split_names(csv: str) -> list[str]:
+    return [name for name in (part.strip() for part in csv.split(",")) if name]
+
+
+@dataclass(slots=True)
+class ScrapeStats:
+    """Counters since start, for telemetry and tests."""
+
+    scrapes_ok: int = 0
+    #: Failed scrapes of any kind (connection, timeout, HTTP status, parse).
+    failures: int = 0
+    timeouts: int = 0
+    parse_errors: int = 0
+    marked_unhealthy: int = 0
+    recovered: int = 0
+
+
+@dataclass(slots=True)
+class _PodScrapeState:
+    consecutive_failures: int = 0
+    #: True while this scraper holds the pod unhealthy; only then does a success restore health,
+    #: so a pod another component marked unhealthy is not revived by a good scrape.
+    held_unhealthy: bool = False
+
+
+class MetricsScraper:
+    """Scrapes every pod in `registry` each `interval_s`, at most `concurrency` at once.
+
+    Each pod is scraped independently: a pod whose previous scrape is still in flight (e.g. a
+    stalled server waiting out `timeout_s`) skips ticks instead of delaying the others.
+    """
+
+    def __init__(
+        self,
+        registry: PodRegistry,
+        settings: ScrapeSettings | None = None,
+        client: httpx.AsyncClient | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.registry = registry
+        self.settings = settings or ScrapeSettings()
+        self.stats = ScrapeStats()
+        self._clock = clock
+        self._client = client
+        self._owns_client = client is None
+        self._semaphore = asyncio.Semaphore(self.settings.concurrency)
+        self._states: dict[str, _PodScrapeState] = {}
+        self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._loop_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        if self._loop_task is None:
+            self._loop_task = asyncio.create_task(self._run(), name="metrics-scraper")
+
+    async def stop(self) -> None:
+        task, self._loop_task = self._loop_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        pending = list(self._inflight.values())
+        for t in pending:
+            t.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+        self._inflight.clear()
+        if self._owns_client and self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    async def scrape_once(self) -> None:
+        """Scrape every pod now (joining scrapes already in flight) and wait for all."""
+        self._prune()
+        tasks = [self._launch(pod) for pod in self.registry.all()]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _run(self) -> None:
+        interval = self.settings.interval_s
+        while True:
+            started = self._clock()
+            self._prune()
+            for pod in self.registry.all():
+                self._launch(pod)
+            await asyncio.sleep(max(0.0, interval - (self._clock() - started)))
+
+    def _launch(self, pod: Pod) -> asyncio.Task[None]:
+        task = self._inflight.get(pod.endpoint)
+        if task is None:
+            task = asyncio.create_task(self._scrape_pod(pod.endpoint))
+            self._inflight[pod.endpoint] = task
+            task.add_done_callback(lambda _t, ep=pod.endpoint: self._inflight.pop(ep, None))
+        return task
+
+    def _prune(self) -> None:
+        for ep in [ep for ep in self._states if ep not in self.registry]:
+            del self._states[ep]
+
+    def _http(self) -> httpx.AsyncClient:
+        if self._client is None:
+            self._client = httpx.AsyncClient(
+                timeout=self.settings.timeout_s,
+                limits=httpx.Limits(max_connections=self.settings.concurrency),
+            )
+        return self._client
+
+    async def _scrape_pod(self, endpoint: str) -> None:
+        url = f"http://{endpoint}{self.settings.metrics_path}"
+        try:
+            async with self._semaphore:
+                # One deadline for the whole exchange: httpx's timeouts are per phase, so a
+                # server that trickles bytes could otherwise hold the slot far longer.
+                async with asyncio.timeout(self.settings.timeout_s):
+                    resp = await self._http().get(url)
+            resp.raise_for_status()
+            snapshot = parse_vllm_metrics(resp.text, now=self._clock())
+        except asyncio.CancelledError:
+            raise
+        except (TimeoutError, httpx.TimeoutException) as exc:
+            self.stats.timeouts += 1
+            self._failed(endpoint, f"timed out after {self.settings.timeout_s}s ({exc!r})")
+        except MetricsParseError as exc:
+            self.stats.parse_errors += 1
+            self._failed(endpoint, str(exc))
+        except (httpx.HTTPError, OSError) as exc:
+            self._failed(endpoint, repr(exc))
+        else:
+            self._succeeded(endpoint, snapshot)
+
+    def _state(self, endpoint: str) -> _PodScrapeState:
+        state = self._states.get(endpoint)
+        if state is None:
+            state = self._states[endpoint] = _PodScrapeState()
+        return state
+
+    def _succeeded(self, endpoint: str, snapshot: MetricsSnapshot) -> None:
+        if endpoint not in self.registry:
+            return
+        self.stats.scrapes_ok += 1
+        state = self._state(endpoint)
+        state.consecutive_failures = 0
+        self.registry.set_metrics(endpoint, snapshot)
+        if state.held_unhealthy:
+            state.held_unhealthy = False
+            self.stats.recovered += 1
+            self.registry.set_health(endpoint, True)
+            log.info("pod %s metrics scrape recovered; marked healthy", endpoint)
+
+    def _failed(self, endpoint: str, reason: str) -> None:
+        pod = self.registry.get(endpoint)
+        if pod is None:
+            return
+        self.stats.failures += 1
+        state = self._state(endpoint)
+        state.consecutive_failures += 1
+        if not pod.metrics.stale:
+            self.registry.set_metrics(endpoint, dataclasses.replace(pod.metrics, stale=True))
+        log.debug("pod %s metrics scrape failed: %s", endpoint, reason)
+        if state.consecutive_failures >= self.settings.unhealthy_after and not state.held_unhealthy:
+            state.held_unhealthy = True
+            self.stats.marked_unhealthy += 1
+            self.registry.set_health(endpoint, False)
+            log.warning(
+                "pod %s marked unhealthy after %d failed metrics scrapes (last: %s)",
+                endpoint,
+                state.consecutive_failures,
+                reason,
+            )
