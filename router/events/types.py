@@ -54,9 +54,10 @@ class KVEventBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False
 
 
 # ------------------------------------------------------------------------------------- map form
-# Newer vLLM releases may put maps on the wire: each event a map with a "type" key naming the
-# class, the batch a map of its field names. The map structs subclass the array ones, so
-# `isinstance(event, BlockStored)` holds for either form and consumers see one set of types.
+# Newer vLLM releases (e.g. v0.28) drop `array_like` from the events but not from the batch: on
+# the wire a batch is still `[ts, [event...], dp_rank]`, and each event is a map whose "type" key
+# names the class, with the other keys named after the fields. The map structs subclass the
+# array ones, so `isinstance(event, BlockStored)` holds for either form.
 
 
 class BlockStoredMap(BlockStored, array_like=False, tag_field="type", tag="BlockStored"):
@@ -76,7 +77,9 @@ class AllBlocksClearedMap(
 KVEventMap = BlockStoredMap | BlockRemovedMap | AllBlocksClearedMap
 
 
-class KVEventBatchMap(msgspec.Struct, omit_defaults=True, gc=False):
+class KVEventBatchMap(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """A batch of map-form events (the batch itself stays an array)."""
+
     ts: float
     events: list[KVEventMap]
     data_parallel_rank: int | None = None
