@@ -140,7 +140,7 @@ class Profile:
             if weight:
                 for i in range(n):
                     totals[i] += weight * values[i]
-        order = self.picker.pick(ctx, totals)
+        order = self.picker.pick(ctx, pods, totals)
         nkeys = len(ctx.keys)
         hits = ctx.prefix_hits(self.prefix_mode) if nkeys else {}
         scored = [

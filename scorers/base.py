@@ -82,8 +82,10 @@ class Scorer(Protocol):
 class Picker(Protocol):
     name: str
 
-    def pick(self, ctx: SchedulingContext, totals: Sequence[float]) -> list[int]:
-        """Indices into the candidates, best first: [pick, fallback, fallback, ...]."""
+    def pick(
+        self, ctx: SchedulingContext, pods: Sequence[Pod], totals: Sequence[float]
+    ) -> list[int]:
+        """Indices into `pods`, best first: [pick, fallback, fallback, ...]."""
         ...
 
 
