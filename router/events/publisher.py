@@ -204,6 +204,9 @@ class KVEventPublisher:
             if self._drop_wire:
                 self._drop_wire -= 1
             else:
+                # Reading EVENTS makes libzmq process pending subscriptions first; without it
+                # the first batch after a subscriber joins a connecting PUB is filtered out.
+                self._pub.getsockopt(zmq.EVENTS)
                 self._pub.send_multipart((self.topic, seq.to_bytes(8, "big"), payload))
         return seq
 
