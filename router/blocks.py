@@ -25,6 +25,7 @@ import os
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -34,6 +35,11 @@ if TYPE_CHECKING:
     from router.request import RoutingRequest
 
 _xxh3 = xxhash.xxh3_64_intdigest
+
+#: kvroute's bundled tokenizer (byte-level BPE, 8k vocab, with a Llama-3-style chat template
+#: beside it): the emulator's default, so router and emulator key blocks identically with no
+#: download. A real fleet points `blocks.tokenizer_path` at its model's tokenizer.json.
+BUNDLED_TOKENIZER = str(Path(__file__).parent / "data" / "tokenizer" / "tokenizer.json")
 _U32_LE = np.dtype("<u4")
 
 

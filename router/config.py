@@ -19,10 +19,13 @@ from typing import Any
 
 import yaml
 
+from envoy_extproc.settings import ExtProcSettings
 from router.blocks import BlockConfig
 from router.discovery.pod_list import PodListError, pods_from_yaml_list
+from router.events.settings import EventsSettings
 from router.pods import Pod, Role
 from router.request import RequestSettings
+from router.scrape import ScrapeSettings
 
 
 class ConfigError(ValueError):
@@ -125,6 +128,11 @@ class RouterConfig:
     saturation: SaturationSettings = field(default_factory=SaturationSettings)
     plugins: tuple[PluginSpec, ...] = ()
     profiles: tuple[ProfileSpec, ...] = ()
+    #: vLLM KV events (ZMQ); None = off (the prefix index is the router's own picks).
+    events: EventsSettings | None = None
+    scrape: ScrapeSettings = field(default_factory=ScrapeSettings)
+    #: `kvroute serve` (Envoy ext_proc endpoint picker) ports and behaviour.
+    extproc: ExtProcSettings = field(default_factory=ExtProcSettings)
     #: Seed of the pickers' random tie-breaks (None = from the OS).
     seed: int | None = None
     source: str = "<default>"
@@ -207,6 +215,9 @@ _TOP_LEVEL = {
     "plugins",
     "schedulingProfiles",
     "seed",
+    "events",
+    "scrape",
+    "extproc",
     "apiVersion",
     "kind",
 }
@@ -255,6 +266,13 @@ def _build(doc: dict, source: str) -> RouterConfig:
         pctx = _Ctx("<default profile>")
     plugins = tuple(_parse_plugins(plugins_doc, pctx))
     profiles = tuple(_parse_profiles(profiles_doc, plugins, pctx))
+    events = None
+    if "events" in doc:
+        events = ctx.dataclass(EventsSettings, doc["events"], "events", _line_of(doc, "events"))
+    scrape = ctx.dataclass(ScrapeSettings, doc.get("scrape"), "scrape", _line_of(doc, "scrape"))
+    extproc = ctx.dataclass(
+        ExtProcSettings, doc.get("extproc"), "extproc", _line_of(doc, "extproc")
+    )
     seed = doc.get("seed")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise ConfigError(f"{source}:{_line_of(doc, 'seed')}: seed must be an integer")
@@ -266,6 +284,9 @@ def _build(doc: dict, source: str) -> RouterConfig:
         saturation=saturation,
         plugins=plugins,
         profiles=profiles,
+        events=events,
+        scrape=scrape,
+        extproc=extproc,
         seed=seed,
         source=source,
     )
@@ -298,7 +319,10 @@ class _Ctx:
                     kline, f"unknown field '{what}.{key}' (known: {', '.join(sorted(fields))})"
                 )
             kwargs[key] = self.coerce(value, hints[key], f"{what}.{key}", kline)
-        return cls(**kwargs)
+        try:
+            return cls(**kwargs)
+        except ValueError as e:  # the settings class's own validation
+            raise self.err(line, f"{what}: {e}") from None
 
     def coerce(self, value: Any, hint: Any, what: str, line: int) -> Any:
         origin = typing.get_origin(hint)
@@ -336,6 +360,8 @@ class _Ctx:
             if not isinstance(value, dict):
                 raise self.err(line, f"'{what}' must be a mapping")
             return dict(value)
+        if dataclasses.is_dataclass(hint) and isinstance(hint, type):
+            return self.dataclass(hint, value, what, line)
         if hint is bool:
             if not isinstance(value, bool):
                 raise self.err(line, f"'{what}' must be true or false")

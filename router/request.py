@@ -232,6 +232,24 @@ class ChatTemplate:
             eos_token=_token_text(config.get("eos_token")),
         )
 
+    @classmethod
+    def beside_tokenizer(cls, tokenizer_path: str | None) -> ChatTemplate | None:
+        """The chat template of the `tokenizer_config.json` next to a `tokenizer.json`, if any.
+
+        This is how every face (and the emulator) finds the template for the configured
+        tokenizer, so all render chats the same way. None when there is none.
+        """
+        if not tokenizer_path:
+            return None
+        base = tokenizer_path if os.path.isdir(tokenizer_path) else os.path.dirname(tokenizer_path)
+        config = os.path.join(base, "tokenizer_config.json")
+        if not os.path.exists(config):
+            return None
+        try:
+            return cls.from_tokenizer_config(config)
+        except ValueError:
+            return None
+
     def render(
         self,
         messages: Sequence[Mapping[str, Any]],

@@ -13,6 +13,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from router.blocks import BUNDLED_TOKENIZER
 from router.emulator.settings import EmulatorSettings, FaultSettings
 
 _DEFAULTS = EmulatorSettings()
@@ -83,8 +84,17 @@ def add_pod_arguments(p: argparse.ArgumentParser, *, fleet: bool = False) -> Non
         help="emulated seconds per wall second (default %(default)s)",
     )
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--tokenizer", help="tokenizer.json (default: the built-in hash tokenizer)")
-    p.add_argument("--chat-template", help="tokenizer_config.json holding the chat template")
+    p.add_argument(
+        "--tokenizer",
+        default=BUNDLED_TOKENIZER,
+        help="tokenizer.json, or 'builtin' for the built-in hash tokenizer "
+        "(default: kvroute's bundled tokenizer, which the router can load too)",
+    )
+    p.add_argument(
+        "--chat-template",
+        help="tokenizer_config.json holding the chat template (default: the one beside "
+        "--tokenizer)",
+    )
     p.add_argument("--max-model-len", type=int, default=d.max_model_len)
     p.add_argument("--num-gpu-blocks", type=int, help="override the profile's KV block count")
     p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
@@ -128,6 +138,8 @@ def settings_from_args(args: argparse.Namespace) -> EmulatorSettings:
         if f.name != "faults" and hasattr(args, f.name)
     }
     values["lora_adapters"] = tuple(values.get("lora_adapters", ()))
+    if values.get("tokenizer") == "builtin":
+        values["tokenizer"] = None
     return EmulatorSettings(**values, faults=faults)
 
 

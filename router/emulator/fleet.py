@@ -28,6 +28,8 @@ from typing import Any, Literal
 import httpx
 import yaml
 
+from router.blocks import BUNDLED_TOKENIZER
+
 EventsMode = Literal["bind", "connect", "none"]
 
 
@@ -262,8 +264,8 @@ class EmulatedFleet:
                 entry["adapters"] = list(pod.adapters)
             pods.append(entry)
         doc: dict[str, Any] = {"pods": pods}
-        tokenizer = _option(self.pod_args, "--tokenizer")
-        if tokenizer:
+        tokenizer = _option(self.pod_args, "--tokenizer") or BUNDLED_TOKENIZER
+        if tokenizer != "builtin":
             doc["blocks"] = {
                 "mode": "tokens",
                 "tokenizer_path": os.path.abspath(tokenizer),

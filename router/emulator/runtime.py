@@ -68,7 +68,7 @@ class PodRuntime:
         self.chat_template = (
             ChatTemplate.from_tokenizer_config(settings.chat_template)
             if settings.chat_template
-            else None
+            else ChatTemplate.beside_tokenizer(settings.tokenizer)
         )
         overrides: dict[str, Any] = {
             "role": self.role,

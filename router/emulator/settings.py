@@ -61,7 +61,8 @@ class EmulatorSettings:
     seed: int = 0
     #: A Hugging Face tokenizer.json (or a directory holding one); None = built-in tokenizer.
     tokenizer: str | None = None
-    #: tokenizer_config.json (or its directory) whose chat template renders chat prompts.
+    #: tokenizer_config.json (or its directory) whose chat template renders chat prompts;
+    #: None = the one beside `tokenizer`, if any.
     chat_template: str | None = None
     max_model_len: int = 131_072
     #: Engine overrides (None = the profile's / vLLM's default).

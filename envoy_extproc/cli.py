@@ -1,0 +1,80 @@
+"""`kvroute serve`: run the Envoy ext_proc endpoint picker until SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+
+from envoy_extproc.server import PickerServer
+from envoy_extproc.settings import GRPC_PORT, HEALTH_PORT, METRICS_PORT, ExtProcSettings
+from router.config import ConfigError, load_config
+from router.discovery.kubernetes import KubernetesDiscoverySettings
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="run the Envoy ext_proc endpoint picker (gRPC), with health and metrics",
+        description="Serves until SIGTERM, then finishes open streams within --grace-period.",
+    )
+    p.add_argument("--config", type=Path, required=True, help="router config YAML")
+    p.add_argument("--host", default=None, help="address to bind (default 0.0.0.0)")
+    p.add_argument("--grpc-port", type=int, default=None, help=f"ext_proc port ({GRPC_PORT})")
+    p.add_argument("--health-port", type=int, default=None, help=f"gRPC health ({HEALTH_PORT})")
+    p.add_argument("--metrics-port", type=int, default=None, help=f"Prometheus ({METRICS_PORT})")
+    p.add_argument("--grace-period", type=float, default=None, help="seconds (default 15)")
+    k8s = p.add_argument_group(
+        "Kubernetes discovery (instead of the config's pods:)",
+        "pods come from the API server: those matching the InferencePool's selector",
+    )
+    k8s.add_argument("--pool-selector", default=None, help="label selector, e.g. app=vllm")
+    k8s.add_argument("--pool-namespace", default="default")
+    k8s.add_argument("--pool-target-port", type=int, default=8000, help="model server port")
+    k8s.add_argument("--kv-events-port", type=int, default=None, help="pods' KV-event PUB port")
+    p.add_argument("--log-level", default="INFO")
+    p.set_defaults(func=run)
+
+
+def settings_from_args(args: argparse.Namespace, base: ExtProcSettings) -> ExtProcSettings:
+    overrides = {
+        "host": args.host,
+        "grpc_port": args.grpc_port,
+        "health_port": args.health_port,
+        "metrics_port": args.metrics_port,
+        "grace_period_s": args.grace_period,
+    }
+    return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per scrape otherwise
+    try:
+        config = load_config(args.config)
+        base = config.extproc
+        settings = settings_from_args(args, base)
+        kubernetes = None
+        if args.pool_selector is not None:
+            kubernetes = KubernetesDiscoverySettings(
+                namespace=args.pool_namespace,
+                label_selector=args.pool_selector,
+                target_port=args.pool_target_port,
+                kv_events_port=args.kv_events_port,
+            )
+    except (ConfigError, ValueError) as e:
+        print(f"kvroute serve: {e}", file=sys.stderr)
+        return 2
+    server = PickerServer(config, settings, config_path=args.config, kubernetes=kubernetes)
+    try:
+        import uvloop  # gRPC aio streams run about twice as fast on it
+    except ImportError:
+        asyncio.run(server.run_until_signal())
+    else:
+        uvloop.run(server.run_until_signal())
+    return 0

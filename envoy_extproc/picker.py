@@ -1,0 +1,150 @@
+"""Picker: what every ext_proc stream shares — the scheduler, the request parse, metrics.
+
+Owns turning a request (path, headers, body bytes) into a `Decision` or a `RequestError`, the
+choice of a pod for body-less requests (GET /v1/models and the like: any ready pod, fewest
+in-flight first), and the outcome bookkeeping (scheduler hooks + metrics) at the end of a
+request. Streams hold no shared state of their own.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Collection, Mapping
+from typing import Any
+
+from envoy_extproc.metrics import PickerMetrics
+from envoy_extproc.settings import ExtProcSettings
+from router.request import ChatTemplate, RequestError, parse_request
+from router.scheduler import Decision, Scheduler
+
+log = logging.getLogger(__name__)
+
+
+class Picker:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        settings: ExtProcSettings | None = None,
+        metrics: PickerMetrics | None = None,
+        chat_template: ChatTemplate | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.scheduler = scheduler
+        self.settings = settings or ExtProcSettings()
+        self.metrics = metrics or PickerMetrics()
+        self.chat_template = chat_template
+        self.clock = clock
+        self.request_settings = scheduler.config.request
+        self._adapters: frozenset[str] = frozenset()
+        self._models: frozenset[str] = frozenset()
+        self._adapters_version = -1
+        self._rng = random.Random()
+
+    # ------------------------------------------------------------------ routing
+    def route(
+        self,
+        body: bytes,
+        path: str,
+        headers: Mapping[str, str],
+        subset: Collection[str] | None,
+    ) -> Decision:
+        """Parse and schedule; commit the decision (`on_pick`). Raises `RequestError`."""
+        now = self.clock()
+        model = "-"
+        try:
+            req = parse_request(
+                body,
+                path,
+                headers,
+                self.request_settings,
+                self.chat_template,
+                self._adapter_names(),
+                now,
+            )
+            model = req.model
+            decision = self.scheduler.schedule(req, subset=subset, now=now)
+        except RequestError as e:
+            self.metrics.errors.labels(self._model_label(model), e.code).inc()
+            self.metrics.decisions.labels("-", e.code).inc()
+            raise
+        self.scheduler.on_pick(decision, now)
+        m = self.metrics
+        m.scheduling.observe(decision.elapsed_s)
+        m.decisions.labels(decision.profile, "pd" if decision.prefill else "single").inc()
+        m.running.labels(model).inc()
+        main = decision.results.get(decision.profile)
+        if main is not None and decision.request.block_keys:
+            for s in main.pods:
+                if s.endpoint == decision.target:
+                    m.prefix_hit.observe(s.prefix_hit)
+                    break
+        return decision
+
+    def route_bodyless(self, subset: Collection[str] | None) -> str:
+        """A pod for a request without a body: a ready pod with the fewest in-flight."""
+        pods = [p for p in self.scheduler.registry.all() if p.healthy]
+        if subset is not None:
+            allowed = set(subset)
+            pods = [p for p in pods if p.endpoint in allowed]
+        if not pods:
+            self.metrics.errors.labels("-", "no_pod").inc()
+            raise RequestError(503, "no ready pod to serve the request", "no_pod")
+        low = min(p.inflight_requests for p in pods)
+        return self._rng.choice([p.endpoint for p in pods if p.inflight_requests == low])
+
+    def destination(self, decision: Decision) -> str:
+        """The header/metadata value: the target, or target plus fallbacks when configured."""
+        if self.settings.fallbacks_in_header and decision.fallbacks:
+            return ",".join(decision.endpoints)
+        return decision.target
+
+    # ------------------------------------------------------------------ outcome
+    def first_token(self, decision: Decision, elapsed_s: float) -> None:
+        self.scheduler.on_first_token(decision, self.clock())
+        self.metrics.ttft.labels(decision.request.model).observe(elapsed_s)
+
+    def complete(self, decision: Decision, usage: dict[str, Any] | None, elapsed_s: float) -> None:
+        self.scheduler.on_complete(decision, usage, self.clock())
+        model = decision.request.model
+        m = self.metrics
+        m.running.labels(model).dec()
+        m.requests.labels(model, decision.profile, "ok").inc()
+        m.request_duration.labels(model).observe(elapsed_s)
+        if usage:
+            prompt = usage.get("prompt_tokens")
+            completion = usage.get("completion_tokens")
+            if isinstance(prompt, int):
+                m.input_tokens.labels(model).observe(prompt)
+            if isinstance(completion, int):
+                m.output_tokens.labels(model).observe(completion)
+                if completion > 0:
+                    m.ntpot.labels(model).observe(elapsed_s / completion)
+
+    def fail(self, decision: Decision, endpoint: str, kind: str) -> None:
+        self.scheduler.on_failure(decision, endpoint, self.clock())
+        model = decision.request.model
+        self.metrics.running.labels(model).dec()
+        self.metrics.requests.labels(model, decision.profile, "error").inc()
+        self.metrics.errors.labels(model, kind).inc()
+
+    def _adapter_names(self) -> frozenset[str]:
+        self._refresh_names()
+        return self._adapters
+
+    def _model_label(self, model: str) -> str:
+        """`model` for metric labels when a pod serves it, else "other" (clients must not be
+        able to mint label values)."""
+        self._refresh_names()
+        return model if model in self._models else "other"
+
+    def _refresh_names(self) -> None:
+        registry = self.scheduler.registry
+        if registry.version != self._adapters_version:
+            adapters: set[str] = set()
+            for p in registry:
+                adapters |= p.adapters
+            self._adapters = frozenset(adapters)
+            self._models = frozenset(registry.models())
+            self._adapters_version = registry.version

@@ -1,0 +1,282 @@
+"""PickerServer: `kvroute serve` — the ext_proc picker with its health, metrics and state feeds.
+
+Owns the process wiring: pod registry (from the config's `pods:`, re-read when the file
+changes), metrics scraper, KV-event subscriber feeding the scheduler's precise index (connect
+mode when pods name a `kv_events_endpoint`, bind mode when the config has an `events`
+section), the ext_proc gRPC server, the gRPC health server and the Prometheus endpoint, and the
+order they start and stop in.
+
+Readiness (`readiness` and the ExternalProcessor service on the health port) is NOT_SERVING
+until the pod list is loaded and scraped once, and again from the moment shutdown begins, so
+the gateway stops sending new streams while open ones finish within the grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+
+from envoy_extproc.metrics import PickerMetrics, time_plugins
+from envoy_extproc.metrics_http import MetricsHTTPServer
+from envoy_extproc.picker import Picker
+from envoy_extproc.servicer import ExternalProcessorServicer, add_to_server
+from envoy_extproc.settings import ExtProcSettings
+from router.config import RouterConfig
+from router.discovery.kubernetes import KubernetesDiscovery, KubernetesDiscoverySettings
+from router.discovery.static import StaticDiscovery, StaticDiscoverySettings
+from router.events.ingest import KVEventIngester
+from router.events.settings import EventsSettings
+from router.events.subscriber import KVEventSubscriber
+from router.index import BlockIndex
+from router.pods import PodRegistry
+from router.request import ChatTemplate
+from router.scheduler import Scheduler
+from router.scrape import MetricsScraper
+
+log = logging.getLogger(__name__)
+
+EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+#: Services the health server answers for; all but liveness follow readiness.
+HEALTH_SERVICES = ("", "liveness", "readiness", EXT_PROC_SERVICE)
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@dataclass(frozen=True, slots=True)
+class BoundPorts:
+    grpc: int
+    health: int
+    metrics: int
+    kv_events: str | None
+
+
+class PickerServer:
+    def __init__(
+        self,
+        config: RouterConfig,
+        settings: ExtProcSettings | None = None,
+        config_path: str | Path | None = None,
+        kubernetes: KubernetesDiscoverySettings | None = None,
+    ) -> None:
+        """`config_path`: re-read its `pods:` when the file changes (static discovery).
+        `kubernetes`: take the pods from the Kubernetes API instead (the InferencePool's
+        selector); readiness then waits for the first pod list."""
+        self.config = config
+        self.settings = settings or ExtProcSettings()
+        self.registry = PodRegistry()
+        for pod in config.pods:
+            self.registry.upsert(pod)
+        events: EventsSettings | None = config.events
+        wants_events = (
+            events is not None
+            or any(p.kv_events_endpoint for p in config.pods)
+            or (kubernetes is not None and kubernetes.kv_events_port is not None)
+        )
+        if wants_events and config.blocks.mode != "tokens":
+            # Events name blocks by token ids; prompt keys in chars mode never equal them.
+            log.warning(
+                "KV events are ignored: blocks.mode is %r; precise prefix routing needs "
+                "blocks.mode 'tokens' with the pods' tokenizer (approximate index used instead)",
+                config.blocks.mode,
+            )
+            wants_events = False
+        self.index: BlockIndex | None = None
+        self.subscriber: KVEventSubscriber | None = None
+        if wants_events:
+            if events is None:
+                events = EventsSettings(mode="connect")
+            self.index = BlockIndex(tier_weights=config.prefix_index.tier_weights)
+            ingester = KVEventIngester(self.index, config.blocks, events)
+            self.subscriber = KVEventSubscriber(ingester, events, resolve_pod=self._resolve_pod)
+        self.scheduler = Scheduler(config, self.registry, precise_index=self.index)
+        self.scraper = MetricsScraper(self.registry, config.scrape)
+        self.discovery: StaticDiscovery | KubernetesDiscovery | None = None
+        if kubernetes is not None:
+            self.discovery = KubernetesDiscovery(self.registry, kubernetes)
+        elif config_path is not None:
+            self.discovery = StaticDiscovery(
+                self.registry, StaticDiscoverySettings(path=str(config_path))
+            )
+        self.metrics = PickerMetrics()
+        self.metrics.watch_pool(self.registry, self._feed_stats)
+        time_plugins(self.scheduler, self.metrics)
+        self.picker = Picker(
+            self.scheduler,
+            self.settings,
+            self.metrics,
+            ChatTemplate.beside_tokenizer(config.blocks.tokenizer_path),
+        )
+        self.servicer = ExternalProcessorServicer(self.picker)
+        self.health = health_aio.HealthServicer()
+        self._grpc: grpc.aio.Server | None = None
+        self._health_server: grpc.aio.Server | None = None
+        self._metrics_server: MetricsHTTPServer | None = None
+        self._sync_task: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+        self._stopped = False
+        self.ports: BoundPorts | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> BoundPorts:
+        s = self.settings
+        await self._set_ready(False)
+        self._health_server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
+        health_port = self._health_server.add_insecure_port(f"{s.host}:{s.health_port}")
+        await self._health_server.start()
+        await self.health.set("liveness", _SERVING)
+
+        self._metrics_server = MetricsHTTPServer(self.metrics.registry, s.host, s.metrics_port)
+        metrics_port = await self._metrics_server.start()
+
+        if self.discovery is not None:
+            await self.discovery.start()
+            if isinstance(self.discovery, KubernetesDiscovery):
+                await self.discovery.synced.wait()
+        if self.subscriber is not None:
+            self.subscriber.attach(self.registry)
+            await self.subscriber.start()
+            self._sync_kv_pods()
+            self._sync_task = asyncio.create_task(self._follow_registry(), name="kv-pod-sync")
+        await self.scraper.scrape_once()
+        await self.scraper.start()
+
+        self._grpc = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                ("grpc.max_send_message_length", 64 * 1024 * 1024),
+            ]
+        )
+        add_to_server(self.servicer, self._grpc)
+        grpc_port = self._grpc.add_insecure_port(f"{s.host}:{s.grpc_port}")
+        await self._grpc.start()
+        await self._set_ready(True)
+        self.ports = BoundPorts(
+            grpc_port,
+            health_port,
+            metrics_port,
+            self.subscriber.endpoint if self.subscriber is not None else None,
+        )
+        log.info(
+            "kvroute picker: ext_proc :%d, health :%d, metrics :%d, %d pods",
+            grpc_port,
+            health_port,
+            metrics_port,
+            len(self.registry),
+        )
+        return self.ports
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Turn not-ready, stop taking streams, let open ones finish (grace), stop the feeds."""
+        if self._stopped:
+            return
+        self._stopped = True
+        grace = self.settings.grace_period_s if grace_s is None else grace_s
+        await self._set_ready(False)
+        if self._grpc is not None:
+            await self._grpc.stop(grace)
+            self._grpc = None
+        if self._sync_task is not None:
+            self._sync_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sync_task
+            self._sync_task = None
+        await self.scraper.stop()
+        if self.discovery is not None:
+            await self.discovery.stop()
+        if self.subscriber is not None:
+            await self.subscriber.close()
+        if self._metrics_server is not None:
+            await self._metrics_server.stop()
+            self._metrics_server = None
+        if self._health_server is not None:
+            await self._health_server.stop(0)
+            self._health_server = None
+
+    async def run_until_signal(self) -> None:
+        """Serve until SIGTERM/SIGINT, then stop gracefully."""
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop(0)
+            raise
+        loop = asyncio.get_running_loop()
+        on_main = threading.current_thread() is threading.main_thread()
+        if on_main:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self._stop.set)
+        try:
+            await self._stop.wait()
+        finally:
+            if on_main:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(sig)
+            log.info("kvroute picker: stopping (%d open streams)", self.servicer.active)
+            await self.stop()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def __aenter__(self) -> PickerServer:
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop(0)
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # ------------------------------------------------------------------ helpers
+    async def _set_ready(self, ready: bool) -> None:
+        status = _SERVING if ready else _NOT_SERVING
+        for name in HEALTH_SERVICES:
+            if name != "liveness":
+                await self.health.set(name, status)
+
+    def _resolve_pod(self, pod_id: str) -> str | None:
+        return pod_id if pod_id in self.registry else None
+
+    def _sync_kv_pods(self) -> None:
+        """Connect mode: listen to every pod that names a PUB endpoint; register replay ones."""
+        sub = self.subscriber
+        if sub is None:
+            return
+        connect = sub.settings.mode == "connect"
+        for pod in self.registry:
+            endpoint = pod.kv_events_endpoint if connect else None
+            if endpoint or pod.kv_replay_endpoint:
+                sub.add_pod(pod.endpoint, endpoint, pod.kv_replay_endpoint)
+
+    async def _follow_registry(self) -> None:
+        """Pods added by discovery get their KV-event sockets (removals are `attach`ed)."""
+        seen = self.registry.version
+        while True:
+            await asyncio.sleep(0.5)
+            if self.registry.version != seen:
+                seen = self.registry.version
+                self._sync_kv_pods()
+
+    def _feed_stats(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {"scrapes": _as_dict(self.scraper.stats)}
+        if self.subscriber is not None:
+            out["kv_events"] = _as_dict(self.subscriber.stats)
+        if self.discovery is not None:
+            out["discovery"] = _as_dict(self.discovery.stats)
+        return out
+
+
+def _as_dict(stats: Any) -> dict[str, Any]:
+    fields = getattr(stats, "__dataclass_fields__", {})
+    return {name: getattr(stats, name) for name in fields}

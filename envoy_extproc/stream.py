@@ -1,0 +1,263 @@
+"""ExtProcStream: the state machine of one ext_proc stream (one HTTP request through Envoy).
+
+`handle(message)` takes each `ProcessingRequest` and returns the `ProcessingResponse`s to send
+now (possibly none, when an answer is held back); `close()` settles the request's outcome when
+the stream ends. No I/O: the servicer moves the messages.
+
+Request side, by the body mode Envoy announces in `protocol_config`:
+- FULL_DUPLEX_STREAMED: the headers answer is held; body chunks are collected until
+  `end_of_stream` (or `request_trailers`); then (1) the headers answer with the routing
+  mutation, `clear_route_cache` and the `envoy.lb` metadata, (2) the whole body handed back
+  as one `streamed_response` (3) the trailers answer if the end came as trailers.
+- STREAMED with `send_body_without_waiting_for_header_response`: the same hold, then the
+  headers answer with the mutation and one pass-through answer per held chunk, in order.
+- BUFFERED (and STREAMED without early body): headers are answered at once (client routing
+  headers removed); the body answer carries the mutation, `clear_route_cache` and metadata.
+- No body (headers end the stream, e.g. GET /v1/models): routed at once to a ready pod.
+
+Response side: headers and body chunks are answered as they come (echoed in full-duplex
+mode, empty otherwise); first-chunk time and usage are read on the side.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import msgspec
+from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
+from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest, ProcessingResponse
+
+from envoy_extproc import messages as msg
+from envoy_extproc.picker import Picker
+from envoy_extproc.usage import UsageReader
+from router.request import RequestError
+from router.scheduler import Decision
+
+_FULL_DUPLEX = ProcessingMode.FULL_DUPLEX_STREAMED
+_STREAMED = ProcessingMode.STREAMED
+_BUFFERED = ProcessingMode.BUFFERED
+_encode = msgspec.json.Encoder().encode
+_JSON_HEADERS = (("content-type", "application/json"),)
+
+
+def error_response(error: RequestError) -> ProcessingResponse:
+    """The client's answer to a refused request: status plus OpenAI error JSON."""
+    return msg.immediate_response(error.status, _encode(error.to_json()), _JSON_HEADERS)
+
+
+class ExtProcStream:
+    __slots__ = (
+        "_body",
+        "_body_bytes",
+        "_decision",
+        "_first_token_seen",
+        "_held_chunks",
+        "_hold_headers",
+        "_path",
+        "_picker",
+        "_request_body_mode",
+        "_response_body_mode",
+        "_routed",
+        "_settled",
+        "_started",
+        "_status",
+        "_subset",
+        "_usage",
+        "clock",
+        "headers",
+        "served",
+    )
+
+    def __init__(self, picker: Picker, clock: Callable[[], float] = time.perf_counter) -> None:
+        self._picker = picker
+        self.clock = clock
+        self.headers: dict[str, str] = {}
+        self._path = ""
+        self._subset: list[str] | None = None
+        self._request_body_mode = _BUFFERED
+        self._response_body_mode = ProcessingMode.NONE
+        self._hold_headers = False
+        self._body: list[bytes] = []
+        self._body_bytes = 0
+        self._held_chunks = 0
+        self._routed = False
+        self._decision: Decision | None = None
+        self._started = 0.0
+        self._status = 0
+        self._usage: UsageReader | None = None
+        self._first_token_seen = False
+        self._settled = False
+        #: The endpoint Envoy reports it used, when it reports one.
+        self.served: str | None = None
+
+    @property
+    def decision(self) -> Decision | None:
+        return self._decision
+
+    # ------------------------------------------------------------------ dispatch
+    def handle(self, req: ProcessingRequest) -> list[ProcessingResponse]:
+        if req.HasField("protocol_config"):
+            pc = req.protocol_config
+            self._request_body_mode = pc.request_body_mode
+            self._response_body_mode = pc.response_body_mode
+            self._hold_headers = self._request_body_mode == _FULL_DUPLEX or (
+                self._request_body_mode == _STREAMED
+                and pc.send_body_without_waiting_for_header_response
+            )
+        served = msg.served_endpoint(req) if req.HasField("metadata_context") else None
+        if served:
+            self.served = served
+        kind = req.WhichOneof("request")
+        if kind == "request_headers":
+            return self._request_headers(req)
+        if kind == "request_body":
+            return self._request_body(req.request_body.body, req.request_body.end_of_stream)
+        if kind == "request_trailers":
+            if self._routed:
+                return [msg.request_trailers_response()]
+            return self._route_body(end_in_trailers=True)
+        if kind == "response_headers":
+            return self._response_headers(req)
+        if kind == "response_body":
+            return self._response_body(req.response_body.body, req.response_body.end_of_stream)
+        if kind == "response_trailers":
+            self._settle()
+            return [msg.response_trailers_response()]
+        return []
+
+    # ------------------------------------------------------------------ request side
+    def _request_headers(self, req: ProcessingRequest) -> list[ProcessingResponse]:
+        self._started = self.clock()
+        self.headers = msg.header_map(req.request_headers)
+        self._path = self.headers.get(":path", "/")
+        if req.HasField("metadata_context"):
+            self._subset = msg.subset_hint(req)
+        if req.request_headers.end_of_stream:
+            return [self._route_bodyless()]
+        if self._hold_headers:
+            return []
+        # Answer now; the body answer will carry the destination. Client routing headers go.
+        return [msg.headers_response(msg.routing_mutation(None, None))]
+
+    def _route_bodyless(self) -> ProcessingResponse:
+        self._routed = True
+        try:
+            target = self._picker.route_bodyless(self._subset)
+        except RequestError as e:
+            return error_response(e)
+        return msg.headers_response(
+            msg.routing_mutation(target, None), True, msg.destination_metadata(target)
+        )
+
+    def _request_body(self, chunk: bytes, end: bool) -> list[ProcessingResponse]:
+        if self._routed:  # body after an early answer (e.g. an error already sent)
+            return self._pass_request_chunk(chunk, end)
+        if chunk:
+            self._body.append(chunk)
+            self._body_bytes += len(chunk)
+        limit = self._picker.request_settings.max_body_bytes
+        if self._body_bytes > limit:
+            self._routed = True
+            return [
+                error_response(
+                    RequestError(
+                        413,
+                        f"body is over {limit} bytes; the limit is {limit}",
+                        "body_too_large",
+                    )
+                )
+            ]
+        if not end:
+            if self._request_body_mode != _FULL_DUPLEX:
+                self._held_chunks += 1
+            return []
+        if self._request_body_mode != _FULL_DUPLEX:
+            self._held_chunks += 1
+        return self._route_body(end_in_trailers=False)
+
+    def _pass_request_chunk(self, chunk: bytes, end: bool) -> list[ProcessingResponse]:
+        if self._request_body_mode == _FULL_DUPLEX:
+            return [msg.request_body_response(streamed=(chunk, end))]
+        return [msg.request_body_response()]
+
+    def _route_body(self, end_in_trailers: bool) -> list[ProcessingResponse]:
+        self._routed = True
+        body = b"".join(self._body) if len(self._body) != 1 else self._body[0]
+        self._body = []
+        picker = self._picker
+        try:
+            decision = picker.route(body, self._path, self.headers, self._subset)
+        except RequestError as e:
+            return [error_response(e)]
+        self._decision = decision
+        dest = picker.destination(decision)
+        mutation = msg.routing_mutation(dest, decision.prefill)
+        metadata = msg.destination_metadata(dest)
+        out: list[ProcessingResponse]
+        if self._request_body_mode == _FULL_DUPLEX:
+            out = [
+                msg.headers_response(mutation, True, metadata),
+                msg.request_body_response(streamed=(body, not end_in_trailers)),
+            ]
+        elif self._hold_headers:
+            out = [msg.headers_response(mutation, True, metadata)]
+            out += [msg.request_body_response() for _ in range(self._held_chunks)]
+        else:
+            out = [msg.request_body_response(mutation, True, metadata)]
+            out += [msg.request_body_response() for _ in range(self._held_chunks - 1)]
+        self._held_chunks = 0
+        if end_in_trailers:
+            out.append(msg.request_trailers_response())
+        return out
+
+    # ------------------------------------------------------------------ response side
+    def _response_headers(self, req: ProcessingRequest) -> list[ProcessingResponse]:
+        h = msg.header_map(req.response_headers)
+        try:
+            self._status = int(h.get(":status", "0"))
+        except ValueError:
+            self._status = 0
+        if self._picker.settings.parse_responses and self._decision is not None:
+            self._usage = UsageReader(
+                h.get("content-type", ""), self._picker.settings.max_response_json_bytes
+            )
+        if req.response_headers.end_of_stream:
+            self._settle()
+        return [msg.response_headers_response()]
+
+    def _response_body(self, chunk: bytes, end: bool) -> list[ProcessingResponse]:
+        decision = self._decision
+        if decision is not None and not self._settled:
+            if chunk and not self._first_token_seen and self._status < 400:
+                self._first_token_seen = True
+                self._picker.first_token(decision, self.clock() - self._started)
+            if self._usage is not None:
+                self._usage.feed(chunk, end)
+            if end:
+                self._settle()
+        if self._response_body_mode == _FULL_DUPLEX:
+            return [msg.response_body_response(streamed=(chunk, end))]
+        return [msg.response_body_response()]
+
+    # ------------------------------------------------------------------ outcome
+    def _settle(self) -> None:
+        """The response is over: report completion (or failure for a 5xx) once."""
+        decision = self._decision
+        if decision is None or self._settled:
+            return
+        self._settled = True
+        endpoint = self.served or decision.target
+        if 0 < self._status < 500:
+            usage = self._usage.usage if self._usage is not None else None
+            self._picker.complete(decision, usage, self.clock() - self._started)
+        else:
+            self._picker.fail(decision, endpoint, f"upstream_{self._status or 'no_response'}")
+
+    def close(self) -> None:
+        """The stream ended (normally, or cut by Envoy/the client): settle what is open.
+
+        With response headers seen and no body end (response body mode NONE, or a stream
+        closed early), the status decides; with none seen the request failed."""
+        if self._decision is not None and not self._settled:
+            self._settle()
