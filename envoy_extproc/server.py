@@ -14,13 +14,11 @@ the gateway stops sending new streams while open ones finish within the grace pe
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -32,16 +30,10 @@ from envoy_extproc.picker import Picker
 from envoy_extproc.servicer import ExternalProcessorServicer, add_to_server
 from envoy_extproc.settings import ExtProcSettings
 from router.config import RouterConfig
-from router.discovery.kubernetes import KubernetesDiscovery, KubernetesDiscoverySettings
-from router.discovery.static import StaticDiscovery, StaticDiscoverySettings
-from router.events.ingest import KVEventIngester
-from router.events.settings import EventsSettings
-from router.events.subscriber import KVEventSubscriber
-from router.index import BlockIndex
-from router.pods import PodRegistry
+from router.discovery.kubernetes import KubernetesDiscoverySettings
+from router.feeds import FleetFeeds
 from router.request import ChatTemplate
 from router.scheduler import Scheduler
-from router.scrape import MetricsScraper
 
 log = logging.getLogger(__name__)
 
@@ -73,42 +65,11 @@ class PickerServer:
         selector); readiness then waits for the first pod list."""
         self.config = config
         self.settings = settings or ExtProcSettings()
-        self.registry = PodRegistry()
-        for pod in config.pods:
-            self.registry.upsert(pod)
-        events: EventsSettings | None = config.events
-        wants_events = (
-            events is not None
-            or any(p.kv_events_endpoint for p in config.pods)
-            or (kubernetes is not None and kubernetes.kv_events_port is not None)
-        )
-        if wants_events and config.blocks.mode != "tokens":
-            # Events name blocks by token ids; prompt keys in chars mode never equal them.
-            log.warning(
-                "KV events are ignored: blocks.mode is %r; precise prefix routing needs "
-                "blocks.mode 'tokens' with the pods' tokenizer (approximate index used instead)",
-                config.blocks.mode,
-            )
-            wants_events = False
-        self.index: BlockIndex | None = None
-        self.subscriber: KVEventSubscriber | None = None
-        if wants_events:
-            if events is None:
-                events = EventsSettings(mode="connect")
-            self.index = BlockIndex(tier_weights=config.prefix_index.tier_weights)
-            ingester = KVEventIngester(self.index, config.blocks, events)
-            self.subscriber = KVEventSubscriber(ingester, events, resolve_pod=self._resolve_pod)
-        self.scheduler = Scheduler(config, self.registry, precise_index=self.index)
-        self.scraper = MetricsScraper(self.registry, config.scrape)
-        self.discovery: StaticDiscovery | KubernetesDiscovery | None = None
-        if kubernetes is not None:
-            self.discovery = KubernetesDiscovery(self.registry, kubernetes)
-        elif config_path is not None:
-            self.discovery = StaticDiscovery(
-                self.registry, StaticDiscoverySettings(path=str(config_path))
-            )
+        self.feeds = FleetFeeds(config, config_path=config_path, kubernetes=kubernetes)
+        self.registry = self.feeds.registry
+        self.scheduler = Scheduler(config, self.registry, precise_index=self.feeds.precise_index)
         self.metrics = PickerMetrics()
-        self.metrics.watch_pool(self.registry, self._feed_stats)
+        self.metrics.watch_pool(self.registry, self.feeds.stats)
         time_plugins(self.scheduler, self.metrics)
         self.picker = Picker(
             self.scheduler,
@@ -121,7 +82,6 @@ class PickerServer:
         self._grpc: grpc.aio.Server | None = None
         self._health_server: grpc.aio.Server | None = None
         self._metrics_server: MetricsHTTPServer | None = None
-        self._sync_task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
         self._stopped = False
         self.ports: BoundPorts | None = None
@@ -139,17 +99,7 @@ class PickerServer:
         self._metrics_server = MetricsHTTPServer(self.metrics.registry, s.host, s.metrics_port)
         metrics_port = await self._metrics_server.start()
 
-        if self.discovery is not None:
-            await self.discovery.start()
-            if isinstance(self.discovery, KubernetesDiscovery):
-                await self.discovery.synced.wait()
-        if self.subscriber is not None:
-            self.subscriber.attach(self.registry)
-            await self.subscriber.start()
-            self._sync_kv_pods()
-            self._sync_task = asyncio.create_task(self._follow_registry(), name="kv-pod-sync")
-        await self.scraper.scrape_once()
-        await self.scraper.start()
+        await self.feeds.start()
 
         self._grpc = grpc.aio.server(
             options=[
@@ -165,7 +115,7 @@ class PickerServer:
             grpc_port,
             health_port,
             metrics_port,
-            self.subscriber.endpoint if self.subscriber is not None else None,
+            self.feeds.subscriber.endpoint if self.feeds.subscriber is not None else None,
         )
         log.info(
             "kvroute picker: ext_proc :%d, health :%d, metrics :%d, %d pods",
@@ -186,16 +136,7 @@ class PickerServer:
         if self._grpc is not None:
             await self._grpc.stop(grace)
             self._grpc = None
-        if self._sync_task is not None:
-            self._sync_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sync_task
-            self._sync_task = None
-        await self.scraper.stop()
-        if self.discovery is not None:
-            await self.discovery.stop()
-        if self.subscriber is not None:
-            await self.subscriber.close()
+        await self.feeds.stop()
         if self._metrics_server is not None:
             await self._metrics_server.stop()
             self._metrics_server = None
@@ -244,39 +185,3 @@ class PickerServer:
         for name in HEALTH_SERVICES:
             if name != "liveness":
                 await self.health.set(name, status)
-
-    def _resolve_pod(self, pod_id: str) -> str | None:
-        return pod_id if pod_id in self.registry else None
-
-    def _sync_kv_pods(self) -> None:
-        """Connect mode: listen to every pod that names a PUB endpoint; register replay ones."""
-        sub = self.subscriber
-        if sub is None:
-            return
-        connect = sub.settings.mode == "connect"
-        for pod in self.registry:
-            endpoint = pod.kv_events_endpoint if connect else None
-            if endpoint or pod.kv_replay_endpoint:
-                sub.add_pod(pod.endpoint, endpoint, pod.kv_replay_endpoint)
-
-    async def _follow_registry(self) -> None:
-        """Pods added by discovery get their KV-event sockets (removals are `attach`ed)."""
-        seen = self.registry.version
-        while True:
-            await asyncio.sleep(0.5)
-            if self.registry.version != seen:
-                seen = self.registry.version
-                self._sync_kv_pods()
-
-    def _feed_stats(self) -> dict[str, dict[str, Any]]:
-        out: dict[str, dict[str, Any]] = {"scrapes": _as_dict(self.scraper.stats)}
-        if self.subscriber is not None:
-            out["kv_events"] = _as_dict(self.subscriber.stats)
-        if self.discovery is not None:
-            out["discovery"] = _as_dict(self.discovery.stats)
-        return out
-
-
-def _as_dict(stats: Any) -> dict[str, Any]:
-    fields = getattr(stats, "__dataclass_fields__", {})
-    return {name: getattr(stats, name) for name in fields}

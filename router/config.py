@@ -24,6 +24,7 @@ from router.blocks import BlockConfig
 from router.discovery.pod_list import PodListError, pods_from_yaml_list
 from router.events.settings import EventsSettings
 from router.pods import Pod, Role
+from router.proxy.settings import ProxySettings
 from router.request import RequestSettings
 from router.scrape import ScrapeSettings
 
@@ -133,6 +134,8 @@ class RouterConfig:
     scrape: ScrapeSettings = field(default_factory=ScrapeSettings)
     #: `kvroute serve` (Envoy ext_proc endpoint picker) ports and behaviour.
     extproc: ExtProcSettings = field(default_factory=ExtProcSettings)
+    #: `kvroute proxy` (OpenAI-compatible proxy) listening, forwarding and admission.
+    proxy: ProxySettings = field(default_factory=ProxySettings)
     #: Seed of the pickers' random tie-breaks (None = from the OS).
     seed: int | None = None
     source: str = "<default>"
@@ -218,6 +221,7 @@ _TOP_LEVEL = {
     "events",
     "scrape",
     "extproc",
+    "proxy",
     "apiVersion",
     "kind",
 }
@@ -273,6 +277,7 @@ def _build(doc: dict, source: str) -> RouterConfig:
     extproc = ctx.dataclass(
         ExtProcSettings, doc.get("extproc"), "extproc", _line_of(doc, "extproc")
     )
+    proxy = ctx.dataclass(ProxySettings, doc.get("proxy"), "proxy", _line_of(doc, "proxy"))
     seed = doc.get("seed")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise ConfigError(f"{source}:{_line_of(doc, 'seed')}: seed must be an integer")
@@ -287,6 +292,7 @@ def _build(doc: dict, source: str) -> RouterConfig:
         events=events,
         scrape=scrape,
         extproc=extproc,
+        proxy=proxy,
         seed=seed,
         source=source,
     )

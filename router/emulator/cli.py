@@ -1,6 +1,6 @@
 """`kvroute emulate pod ...` and `kvroute emulate fleet ...`: argument parsing and entry points.
 
-`router/cli.py` lists this module in SUBCOMMAND_MODULES; `add_parser` registers `emulate`.
+`router/cli.py` lists this module in SUBCOMMANDS; `add_parser` registers `emulate`.
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ async def test_emulated_pods_report_the_prefix_where_the_picker_sent_it(tmp_path
         picker = PickerServer(load_config(cfg), settings, config_path=cfg)
         await picker.start()
         stack.push_async_callback(picker.stop, 0)
-        assert picker.index is not None and picker.ports is not None
+        assert picker.feeds.precise_index is not None and picker.ports is not None
         on_pick = picker.scheduler.on_pick
 
         def record(decision: Decision, now: float | None = None) -> None:
@@ -71,7 +71,12 @@ async def test_emulated_pods_report_the_prefix_where_the_picker_sent_it(tmp_path
         assert keys and len(keys) >= 16  # 257 tokens in blocks of 16
 
         def reported() -> bool:
-            return picker.index.longest_prefix(keys[: len(keys) - 1]).get(first.target, 0) > 0
+            return (
+                picker.feeds.precise_index.longest_prefix(keys[: len(keys) - 1]).get(
+                    first.target, 0
+                )
+                > 0
+            )
 
         for _ in range(100):
             if reported():
@@ -79,7 +84,7 @@ async def test_emulated_pods_report_the_prefix_where_the_picker_sent_it(tmp_path
             await asyncio.sleep(0.05)
         assert reported(), "the chosen pod's KV events never reported the prompt"
         others = {p.endpoint for p in fleet.pods} - {first.target}
-        held = picker.index.longest_prefix(keys)
+        held = picker.feeds.precise_index.longest_prefix(keys)
         assert not any(held.get(ep) for ep in others)
         for i in range(3):
             r = await client.post(

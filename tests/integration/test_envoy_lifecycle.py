@@ -156,7 +156,7 @@ async def test_kv_events_route_a_prefix_to_the_pod_that_reports_it(
     tokens = list(range(100, 164))  # four full blocks of 16
     try:
         async with envoy_stack(config_tail=tail, pod_fields=fields) as s:
-            assert s.picker.index is not None
+            assert s.picker.feeds.precise_index is not None
             holder = 2
             stored = BlockStored(
                 block_hashes=[9001, 9002, 9003, 9004],
@@ -165,7 +165,7 @@ async def test_kv_events_route_a_prefix_to_the_pod_that_reports_it(
                 block_size=16,
             )
             keys = token_block_keys(tokens, 16)
-            index = s.picker.index
+            index = s.picker.feeds.precise_index
 
             def indexed() -> bool:
                 pubs[holder].publish([stored])

@@ -4,7 +4,8 @@ A byte-level BPE with 8,192 tokens trained on kvroute's own source and README, p
 Llama-3-style special tokens (`<|begin_of_text|>` added to completions prompts). It is what
 the emulator and the router use by default so that block keys agree end to end without
 downloading a model's tokenizer; for a real fleet, point `blocks.tokenizer_path` at the model's
-own `tokenizer.json`. Run from the repository root: `python router/data/tokenizer/build_tokenizer.py`.
+own `tokenizer.json`. Run from the repository root:
+`python router/data/tokenizer/build_tokenizer.py`.
 """
 
 from __future__ import annotations

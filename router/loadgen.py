@@ -1,0 +1,396 @@
+"""`kvroute loadgen`: replay a workload against any OpenAI-compatible server, timed client-side.
+
+Sends the simulation's workloads (`router/sim/workloads.py`) or a Mooncake trace as plain
+OpenAI requests, streaming, and measures what a client sees: time to first token (first chunk
+with content), time per output token after it, end-to-end latency, and output tokens per
+second. Speaks only the public API, so it drives kvroute, a single vLLM, or a peer router.
+
+How a workload becomes requests:
+- `--api chat`: each session is one conversation. A first turn is one user message holding the
+  arrival's tokens as text; a later turn appends the assistant's actual reply to the previous
+  turn (as a real chat client does) and a user message with the tokens the workload added.
+- `--api completions`: the prompt is the arrival's tokens, as token ids (`--prompt tokens`,
+  the default) or as text.
+Token ids become text through a fixed table of 4-letter pseudo-words (one piece each for a
+BPE-like tokenizer), so equal token prefixes give equal text prefixes.
+
+Pacing: closed loop (`--concurrency N`: N requests outstanding) or open loop (`--rate R`: the
+workload's Poisson arrival times at R requests/s). Either way a session's turn waits for the
+previous turn's answer (plus its think time in the closed loop).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import numpy as np
+
+from router.sim.traces import trace_workload
+from router.sim.workloads import WORKLOADS, Arrival, Workload, make_workload
+
+_CONSONANTS = "bdfgklmnprstvz"
+_VOWELS = "aeiou"
+#: 4-letter pseudo-words: token id t ↦ _WORDS[t % len(_WORDS)].
+_WORDS = [a + b + c + d for a in _CONSONANTS for b in _VOWELS for c in _CONSONANTS for d in _VOWELS]
+
+
+def tokens_to_text(token_ids: np.ndarray | list[int]) -> str:
+    n = len(_WORDS)
+    return " ".join(_WORDS[int(t) % n] for t in token_ids)
+
+
+@dataclass(slots=True)
+class RequestResult:
+    index: int
+    ok: bool
+    status: int
+    sent_at: float
+    ttft_s: float | None = None
+    e2e_s: float = 0.0
+    output_tokens: int = 0
+    prompt_tokens: int | None = None
+    error: str | None = None
+
+    @property
+    def tpot_s(self) -> float | None:
+        if self.ttft_s is None or self.output_tokens < 2:
+            return None
+        return (self.e2e_s - self.ttft_s) / (self.output_tokens - 1)
+
+
+@dataclass(slots=True)
+class LoadSettings:
+    base_url: str
+    model: str
+    api: str = "chat"
+    prompt: str = "tokens"
+    concurrency: int | None = 8
+    rate: float | None = None
+    timeout_s: float = 300.0
+    #: Closed loop: scale the workload's think times (0 = send the next turn at once).
+    think_scale: float = 0.0
+    headers: dict[str, str] = field(default_factory=dict)
+    #: Cap on max_tokens sent (None = the workload's output length).
+    max_tokens_cap: int | None = None
+
+
+@dataclass(slots=True)
+class LoadReport:
+    results: list[RequestResult]
+    wall_s: float
+
+    def summary(self) -> dict[str, Any]:
+        ok = [r for r in self.results if r.ok]
+        ttft = np.array([r.ttft_s for r in ok if r.ttft_s is not None])
+        tpot = np.array([t for r in ok if (t := r.tpot_s) is not None])
+        e2e = np.array([r.e2e_s for r in ok])
+        out_tokens = sum(r.output_tokens for r in ok)
+
+        def pct(a: np.ndarray, q: float) -> float | None:
+            return round(float(np.percentile(a, q)), 6) if len(a) else None
+
+        return {
+            "requests": len(self.results),
+            "failed": len(self.results) - len(ok),
+            "duration_s": round(self.wall_s, 3),
+            "requests_per_s": round(len(ok) / self.wall_s, 3) if self.wall_s else 0.0,
+            "ttft_p50_s": pct(ttft, 50),
+            "ttft_p95_s": pct(ttft, 95),
+            "ttft_p99_s": pct(ttft, 99),
+            "tpot_p50_s": pct(tpot, 50),
+            "e2e_p50_s": pct(e2e, 50),
+            "output_tokens": out_tokens,
+            "output_tokens_per_s": round(out_tokens / self.wall_s, 2) if self.wall_s else 0.0,
+            "errors": _error_kinds(self.results),
+        }
+
+
+def _error_kinds(results: list[RequestResult]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for r in results:
+        if not r.ok:
+            key = f"{r.status}" if r.status else (r.error or "error").split(":")[0]
+            out[key] = out.get(key, 0) + 1
+    return out
+
+
+class LoadGenerator:
+    def __init__(self, workload: Workload, settings: LoadSettings) -> None:
+        self.workload = workload
+        self.settings = settings
+        self.arrivals = workload.arrivals
+        self._done: list[asyncio.Event] = [asyncio.Event() for _ in self.arrivals]
+        self._finished_at: list[float] = [0.0] * len(self.arrivals)
+        #: Chat history after each turn (messages including the assistant's reply).
+        self._history: dict[int, list[dict[str, str]]] = {}
+        self.results: list[RequestResult | None] = [None] * len(self.arrivals)
+
+    async def run(self) -> LoadReport:
+        s = self.settings
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=1024)
+        async with httpx.AsyncClient(
+            base_url=s.base_url, timeout=s.timeout_s, limits=limits, headers=s.headers
+        ) as client:
+            start = time.perf_counter()
+            if s.rate is not None:
+                await self._open_loop(client, start)
+            else:
+                await self._closed_loop(client, s.concurrency or 1)
+            wall = time.perf_counter() - start
+        return LoadReport([r for r in self.results if r is not None], wall)
+
+    async def _closed_loop(self, client: httpx.AsyncClient, concurrency: int) -> None:
+        queue: asyncio.Queue[Arrival] = asyncio.Queue()
+        for a in self.arrivals:
+            queue.put_nowait(a)
+
+        async def worker() -> None:
+            while not queue.empty():
+                a = queue.get_nowait()
+                await self._after_prev(a, self.settings.think_scale * a.think_s)
+                await self._one(client, a)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+
+    async def _open_loop(self, client: httpx.AsyncClient, start: float) -> None:
+        assert self.settings.rate is not None
+        # The workload's own times are at its own rate: rescale to ours.
+        total = self.arrivals[-1].time_s if self.arrivals else 0.0
+        scale = (len(self.arrivals) / self.settings.rate) / total if total > 0 else 0.0
+
+        async def launch(a: Arrival) -> None:
+            await asyncio.sleep(max(0.0, start + a.time_s * scale - time.perf_counter()))
+            await self._after_prev(a, 0.0)
+            await self._one(client, a)
+
+        await asyncio.gather(*(launch(a) for a in self.arrivals))
+
+    async def _after_prev(self, a: Arrival, think_s: float) -> None:
+        if a.prev >= 0:
+            await self._done[a.prev].wait()
+            wait = self._finished_at[a.prev] + think_s - time.perf_counter()
+            if wait > 0:
+                await asyncio.sleep(wait)
+
+    # ---------------------------------------------------------------- one request
+    def _body(self, a: Arrival) -> tuple[str, dict[str, Any]]:
+        s = self.settings
+        max_tokens = (
+            a.output_len if s.max_tokens_cap is None else min(a.output_len, s.max_tokens_cap)
+        )
+        common = {
+            "model": s.model,
+            "max_tokens": max_tokens,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "ignore_eos": True,
+        }
+        if s.api == "completions":
+            prompt: Any = (
+                a.token_ids.tolist() if s.prompt == "tokens" else tokens_to_text(a.token_ids)
+            )
+            return "/v1/completions", {**common, "prompt": prompt}
+        if a.prev >= 0:
+            prev = self.arrivals[a.prev]
+            history = list(self._history.get(a.prev, []))
+            new = a.token_ids[len(prev.token_ids) + len(prev.output_token_ids) :]
+            messages = [*history, {"role": "user", "content": tokens_to_text(new)}]
+        else:
+            messages = [{"role": "user", "content": tokens_to_text(a.token_ids)}]
+        return "/v1/chat/completions", {**common, "messages": messages, "user": a.session}
+
+    async def _one(self, client: httpx.AsyncClient, a: Arrival) -> None:
+        path, body = self._body(a)
+        sent = time.perf_counter()
+        result = RequestResult(a.index, False, 0, sent)
+        text: list[str] = []
+        chunks = 0
+        try:
+            async with client.stream("POST", path, json=body) as r:
+                result.status = r.status_code
+                if r.status_code != 200:
+                    result.error = (await r.aread()).decode(errors="replace")[:300]
+                else:
+                    async for line in r.aiter_lines():
+                        if not line.startswith("data: ") or line == "data: [DONE]":
+                            continue
+                        event = json.loads(line[6:])
+                        if "error" in event:
+                            result.error = json.dumps(event["error"])[:300]
+                            break
+                        piece = _content(event)
+                        if piece:
+                            if result.ttft_s is None:
+                                result.ttft_s = time.perf_counter() - sent
+                            chunks += 1
+                            text.append(piece)
+                        usage = event.get("usage")
+                        if usage:
+                            result.output_tokens = usage.get("completion_tokens", 0)
+                            result.prompt_tokens = usage.get("prompt_tokens")
+                    else:
+                        result.ok = True
+        except (httpx.HTTPError, json.JSONDecodeError, OSError) as e:
+            result.error = f"{type(e).__name__}: {e}"
+        result.e2e_s = time.perf_counter() - sent
+        if result.ok and not result.output_tokens:
+            result.output_tokens = chunks
+        self.results[a.index] = result
+        if body.get("messages") is not None:
+            reply = "".join(text)
+            self._history[a.index] = [*body["messages"], {"role": "assistant", "content": reply}]
+            if a.prev >= 0:
+                self._history.pop(a.prev, None)
+        self._finished_at[a.index] = time.perf_counter()
+        self._done[a.index].set()
+
+
+def _content(event: dict[str, Any]) -> str:
+    choices = event.get("choices") or []
+    if not choices:
+        return ""
+    c = choices[0]
+    delta = c.get("delta")
+    if delta is not None:
+        return delta.get("content") or delta.get("reasoning_content") or ""
+    return c.get("text") or ""
+
+
+async def run_load(workload: Workload, settings: LoadSettings) -> LoadReport:
+    return await LoadGenerator(workload, settings).run()
+
+
+# --------------------------------------------------------------------------- CLI
+def format_table(rows: dict[str, dict[str, Any]]) -> str:
+    """Side-by-side columns, one per run (name → summary)."""
+    fields = [
+        ("requests", "requests", "{:d}"),
+        ("failed", "failed", "{:d}"),
+        ("hit_rate", "prefix cache hit rate", "{:.1%}"),
+        ("ttft_p50_s", "TTFT p50 (s)", "{:.3f}"),
+        ("ttft_p95_s", "TTFT p95 (s)", "{:.3f}"),
+        ("tpot_p50_s", "TPOT p50 (ms)", "ms"),
+        ("e2e_p50_s", "latency p50 (s)", "{:.3f}"),
+        ("output_tokens_per_s", "output tokens/s", "{:,.0f}"),
+        ("requests_per_s", "requests/s", "{:.2f}"),
+    ]
+    names = list(rows)
+    width = max(14, *(len(n) + 2 for n in names))
+    lines = [f"{'':<24}" + "".join(f"{n:>{width}}" for n in names)]
+    for key, label, fmt in fields:
+        if not any(key in r for r in rows.values()):
+            continue
+        cells = []
+        for n in names:
+            v = rows[n].get(key)
+            if v is None:
+                cells.append("-")
+            elif fmt == "ms":
+                cells.append(f"{v * 1000:.1f}")
+            else:
+                cells.append(fmt.format(v))
+        lines.append(f"{label:<24}" + "".join(f"{c:>{width}}" for c in cells))
+    return "\n".join(lines)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "loadgen",
+        help="replay a workload against an OpenAI-compatible server and time it client-side",
+    )
+    p.add_argument("--url", required=True, help="base URL, e.g. http://127.0.0.1:8080")
+    p.add_argument("--model", required=True)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--workload", default="multi-turn", choices=sorted(WORKLOADS))
+    src.add_argument("--trace", help="a Mooncake JSONL trace instead of a workload")
+    p.add_argument("--requests", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    pace = p.add_mutually_exclusive_group()
+    pace.add_argument("--concurrency", type=int, default=None)
+    pace.add_argument("--rate", type=float, default=None, help="open loop, requests/s")
+    p.add_argument("--api", choices=("chat", "completions"), default="chat")
+    p.add_argument(
+        "--prompt",
+        choices=("tokens", "text"),
+        default="tokens",
+        help="completions prompts as token ids or text",
+    )
+    p.add_argument("--max-tokens-cap", type=int, default=None)
+    p.add_argument(
+        "--think-scale",
+        type=float,
+        default=0.0,
+        help="closed loop: fraction of the workload's think time to wait",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a workload parameter (numbers parsed as JSON)",
+    )
+    p.add_argument("--header", action="append", default=[], metavar="NAME:VALUE")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=run)
+
+
+def _overrides(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set wants FIELD=VALUE, got {item!r}")
+        try:
+            out[name] = json.loads(value)
+        except json.JSONDecodeError:
+            out[name] = value
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        if args.trace:
+            workload = trace_workload(args.trace, limit=args.requests, seed=args.seed)
+        else:
+            workload = make_workload(
+                args.workload, num_requests=args.requests, seed=args.seed, **_overrides(args.set)
+            )
+        headers = {}
+        for h in args.header:
+            name, sep, value = h.partition(":")
+            if not sep:
+                raise ValueError(f"--header wants NAME:VALUE, got {h!r}")
+            headers[name.strip()] = value.strip()
+    except (ValueError, OSError) as e:
+        print(f"kvroute loadgen: {e}", file=sys.stderr)
+        return 2
+    concurrency = args.concurrency if args.concurrency or args.rate else 8
+    settings = LoadSettings(
+        base_url=args.url,
+        model=args.model,
+        api=args.api,
+        prompt=args.prompt,
+        concurrency=concurrency,
+        rate=args.rate,
+        think_scale=args.think_scale,
+        headers=headers,
+        max_tokens_cap=args.max_tokens_cap,
+    )
+    with contextlib.suppress(KeyboardInterrupt):
+        report = asyncio.run(run_load(workload, settings))
+        summary = report.summary()
+        if args.json:
+            print(json.dumps(summary))
+        else:
+            print(f"{workload.name}: {workload.description}")
+            print(format_table({"result": summary}))
+        return 0 if summary["failed"] == 0 else 1
+    return 130

@@ -1,0 +1,318 @@
+"""The proxy's ASGI application and its lifetime: `ProxyApp` and `serve()`.
+
+A FastAPI app serves the control endpoints (`/health`, `/ready`, `/metrics`, `/v1/models`,
+`/debug/pods`); the two inference endpoints go straight to `Forwarder` as raw ASGI, in front
+of FastAPI's routing, because they are the hot path. The lifespan owns the upstream
+connection pool, the health prober and the fleet's state feeds (`feeds.FleetFeeds`: metrics
+scraper, KV-event subscriber, static discovery).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import uvicorn
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, Response
+
+from router.config import RouterConfig
+from router.feeds import FleetFeeds
+from router.index import BlockIndex
+from router.pods import PodRegistry
+from router.proxy.errors import UpstreamFailure
+from router.proxy.forward import Forwarder
+from router.proxy.health import HealthProber
+from router.proxy.metrics import ProxyMetrics
+from router.proxy.relay import Receive, Scope, Send
+from router.proxy.settings import ProxySettings
+from router.proxy.upstream import Upstream
+from router.request import ChatTemplate, RequestError
+from router.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+INFERENCE_PATHS = frozenset(
+    {"/v1/completions", "/v1/chat/completions", "/completions", "/chat/completions"}
+)
+
+
+class ProxyApp:
+    """ASGI app of `kvroute proxy`. Build it, then serve it with uvicorn (see `serve`)."""
+
+    def __init__(
+        self,
+        config: RouterConfig,
+        settings: ProxySettings | None = None,
+        registry: PodRegistry | None = None,
+        chat_template: ChatTemplate | None = None,
+        config_path: str | Path | None = None,
+    ) -> None:
+        """`config_path`: re-read its `pods:` when the file changes (static discovery).
+        `chat_template`: renders chat prompts; default: the one beside the configured
+        tokenizer (as every face and the emulator find it), else a plain rendering."""
+        self.config = config
+        self.settings = settings or ProxySettings()
+        self.metrics = ProxyMetrics()
+        if chat_template is None:
+            chat_template = ChatTemplate.beside_tokenizer(config.blocks.tokenizer_path)
+        self.chat_template = chat_template
+        self.feeds = FleetFeeds(config, registry, config_path)
+        self.registry = self.feeds.registry
+        self.scheduler = Scheduler(config, self.registry, precise_index=self.feeds.precise_index)
+        self.forwarder: Forwarder | None = None
+        self.upstream: Upstream | None = None
+        self.prober: HealthProber | None = None
+        self._models_cache: tuple[float, list[dict[str, Any]]] = (float("-inf"), [])
+        self.api = self._build_api()
+
+    # ------------------------------------------------------------------ ASGI
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] == "http"
+            and scope["path"] in INFERENCE_PATHS
+            and scope["method"] == "POST"
+            and self.forwarder is not None
+        ):
+            await self.forwarder(scope, receive, send)
+            return
+        await self.api(scope, receive, send)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, _app: FastAPI) -> AsyncIterator[None]:
+        await self.start()
+        try:
+            yield
+        finally:
+            await self.stop()
+
+    async def start(self) -> None:
+        self.upstream = Upstream(self.settings)
+        self.prober = HealthProber(self.registry, self.upstream, self.settings, self.metrics)
+        self.prober.start()
+        await self.feeds.start()
+        adapters = frozenset().union(*(p.adapters for p in self.registry.all()))
+        self.forwarder = Forwarder(
+            self.scheduler,
+            self.upstream,
+            self.settings,
+            self.metrics,
+            self.prober,
+            self.chat_template,
+            adapters,
+        )
+
+    async def stop(self) -> None:
+        self.forwarder = None
+        await self.feeds.stop()
+        if self.prober is not None:
+            await self.prober.stop()
+        if self.upstream is not None:
+            await self.upstream.close()
+            self.upstream = None
+
+    # ------------------------------------------------------------------ control endpoints
+    def _build_api(self) -> FastAPI:
+        api = FastAPI(
+            title="kvroute proxy",
+            lifespan=self.lifespan,
+            docs_url=None,
+            redoc_url=None,
+            openapi_url=None,
+        )
+
+        @api.get("/health")
+        async def health() -> dict[str, str]:
+            return {"status": "ok"}
+
+        @api.get("/ready")
+        async def ready() -> Response:
+            routable = [p.endpoint for p in self.registry.all() if p.healthy]
+            status = 200 if routable else 503
+            return JSONResponse({"ready": bool(routable), "routable_pods": routable}, status)
+
+        @api.get("/metrics")
+        async def metrics() -> Response:
+            for pod in self.registry.all():
+                self.metrics.pod_healthy.labels(pod.endpoint).set(1 if pod.healthy else 0)
+            forwarder = self.forwarder
+            if forwarder is not None:
+                for model in self.registry.models():
+                    self.metrics.queued.labels(model).set(forwarder.admission.queued(model))
+            return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
+
+        @api.get("/debug/pods")
+        async def debug_pods() -> dict[str, Any]:
+            return {"pods": self.pod_report()}
+
+        @api.get("/v1/models")
+        async def models() -> dict[str, Any]:
+            return {"object": "list", "data": await self.models()}
+
+        @api.exception_handler(404)
+        async def not_found(_request: Any, _exc: Any) -> Response:
+            err = RequestError(404, "no such endpoint", "unknown_path")
+            return JSONResponse(err.to_json(), 404)
+
+        @api.exception_handler(405)
+        async def not_allowed(_request: Any, _exc: Any) -> Response:
+            err = RequestError(405, "method not allowed", "method_not_allowed")
+            return JSONResponse(err.to_json(), 405)
+
+        return api
+
+    def pod_report(self) -> list[dict[str, Any]]:
+        now = self.scheduler.clock()
+        index = self.scheduler.prefix_index()
+        sizes = _entries_per_pod(index)
+        out = []
+        for p in self.registry.all():
+            age = p.metrics.age(now)
+            out.append(
+                {
+                    "endpoint": p.endpoint,
+                    "role": p.role.value,
+                    "models": sorted(p.models),
+                    "adapters": sorted(p.adapters),
+                    "labels": p.labels,
+                    "healthy": p.healthy,
+                    "ejected": bool(self.prober and p.endpoint in self.prober.ejected),
+                    "metrics": {
+                        "waiting": p.metrics.waiting,
+                        "running": p.metrics.running,
+                        "kv_utilization": p.metrics.kv_utilization,
+                        "age_s": None if age == float("inf") else round(age, 3),
+                        "stale": p.metrics.stale,
+                    },
+                    "inflight_requests": p.inflight_requests,
+                    "inflight_prefill_tokens": p.inflight_prefill_tokens,
+                    "index_blocks": sizes.get(p.endpoint, 0),
+                }
+            )
+        return out
+
+    async def models(self) -> list[dict[str, Any]]:
+        """The union of every pod's `/v1/models` (cached briefly); the config's names for pods
+        that do not answer."""
+        loop = asyncio.get_running_loop()
+        at, cached = self._models_cache
+        if loop.time() - at < self.settings.models_cache_s:
+            return cached
+        seen: dict[str, dict[str, Any]] = {}
+        if self.upstream is not None:
+            pods = [p for p in self.registry.all() if p.healthy]
+            answers = await asyncio.gather(
+                *(self._pod_models(p.endpoint) for p in pods), return_exceptions=True
+            )
+            for answer in answers:
+                if isinstance(answer, list):
+                    for m in answer:
+                        if isinstance(m, dict) and isinstance(m.get("id"), str):
+                            seen.setdefault(m["id"], m)
+        for name in sorted(self.registry.models()):
+            seen.setdefault(name, {"id": name, "object": "model", "owned_by": "kvroute"})
+        data = list(seen.values())
+        self._models_cache = (loop.time(), data)
+        return data
+
+    async def _pod_models(self, endpoint: str) -> list[Any]:
+        assert self.upstream is not None
+        try:
+            status, body = await self.upstream.get(endpoint, "/v1/models", 2.0)
+        except UpstreamFailure:
+            return []
+        if status != 200:
+            return []
+        try:
+            data = msgspec.json.decode(body).get("data")
+        except (msgspec.DecodeError, AttributeError):
+            return []
+        return data if isinstance(data, list) else []
+
+
+def _entries_per_pod(index: BlockIndex) -> dict[str, int]:
+    return {pod: index.pod_block_count(pod) for pod in index.pods()}
+
+
+def uvicorn_config(app: Any, host: str, port: int, access_log: bool = False) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        access_log=access_log,
+        log_level="warning",
+        # We are the edge of our own hop: no X-Forwarded-* rewriting, no Server/Date headers.
+        proxy_headers=False,
+        server_header=False,
+        date_header=False,
+        timeout_graceful_shutdown=5,
+    )
+
+
+async def serve(app: Any, host: str, port: int, access_log: bool = False) -> None:
+    """Serve `app` until SIGTERM/SIGINT, then shut down gracefully and return.
+
+    uvicorn re-raises the signal it stopped for once it is done, under the handlers that were
+    in place before it started; ours ignore it, so the process exits 0 after a clean stop.
+    """
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, _already_stopped)
+    server = uvicorn.Server(uvicorn_config(app, host, port, access_log))
+    await server.serve()
+
+
+def _already_stopped(_sig: int, _frame: Any) -> None:
+    log.info("shut down after a signal")
+
+
+class RunningServer:
+    """An ASGI app served on 127.0.0.1 inside the current loop (tests, demo, benchmarks)."""
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.app = app
+        self.host = host
+        self.port = port
+        self._server: uvicorn.Server | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def __aenter__(self) -> RunningServer:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Accepted sockets inherit it; uvicorn does not set it on a socket it is handed, and
+        # without it a response's header and body writes meet delayed ACKs (~40 ms each).
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind((self.host, self.port))
+        self.port = sock.getsockname()[1]
+        config = uvicorn_config(self.app, self.host, self.port)
+        self._server = uvicorn.Server(config)
+        self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
+        while not self._server.started:
+            if self._task.done():
+                self._task.result()
+            await asyncio.sleep(0.005)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None and self._task is not None
+        self._server.should_exit = True
+        await self._task

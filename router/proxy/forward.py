@@ -1,0 +1,318 @@
+"""One proxied request: parse → admit → schedule → (prefill leg) → forward → relay → report.
+
+The proxy's hot path, written against raw ASGI so a request costs little beyond the scheduler.
+Scheduler hooks: `on_pick` once the decision is taken, `on_first_token` at the pod's first
+body byte, `on_complete` with the usage of the final body or last SSE chunk, `on_failure` when a
+pod fails (then a retry is scheduled among the remaining pods).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Container
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from router.proxy.admission import AdmissionQueue
+from router.proxy.errors import UpstreamFailure
+from router.proxy.health import HealthProber
+from router.proxy.metrics import ProxyMetrics
+from router.proxy.pd import PrefillFailed, decode_body, run_prefill
+from router.proxy.relay import (
+    BrokenStream,
+    ClientWatch,
+    Delivered,
+    Receive,
+    Scope,
+    Send,
+    deliver_full,
+    deliver_stream,
+    read_body,
+    send_error,
+    send_full,
+)
+from router.proxy.settings import ProxySettings
+from router.proxy.upstream import StatusFailure, Upstream, forwarded_headers
+from router.request import (
+    ChatTemplate,
+    RequestError,
+    RequestSettings,
+    RoutingRequest,
+    parse_request,
+)
+from router.scheduler import Decision, Scheduler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Attempt:
+    decision: Decision
+    #: The pod the body goes to now (decision.target, or a retry's pick).
+    endpoint: str
+
+
+class Forwarder:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        upstream: Upstream,
+        settings: ProxySettings,
+        metrics: ProxyMetrics,
+        prober: HealthProber,
+        chat_template: ChatTemplate | None = None,
+        adapters: Container[str] = frozenset(),
+    ) -> None:
+        self.scheduler = scheduler
+        self.upstream = upstream
+        self.settings = settings
+        self.metrics = metrics
+        self.prober = prober
+        self.chat_template = chat_template
+        self.adapters = adapters
+        self.request_settings: RequestSettings = scheduler.config.request
+        self.admission = AdmissionQueue(
+            settings.max_inflight_per_model,
+            settings.max_queued_per_model,
+            settings.queue_timeout_s,
+        )
+        self._debug_header = settings.debug_header.lower()
+        self._models: tuple[int, set[str]] = (-1, set())
+        self._inflight: dict[str, Any] = {}
+        self._decision_header = settings.decision_header.lower().encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        arrival = time.perf_counter()
+        path: str = scope["path"]
+        model = "unknown"
+        status = 500
+        watch: ClientWatch | None = None
+        try:
+            raw = await read_body(receive, self.request_settings.max_body_bytes)
+            headers: list[tuple[bytes, bytes]] = scope["headers"]
+            hdrs = {k.decode("latin-1"): v.decode("latin-1") for k, v in headers}
+            req = parse_request(
+                raw,
+                path,
+                hdrs,
+                self.request_settings,
+                self.chat_template,
+                self.adapters,
+                now=self.scheduler.clock(),
+            )
+            model = req.model if req.model in self._known_models() else "other"
+            debug = hdrs.get(self._debug_header) == "1"
+            watch = ClientWatch(receive)
+            # Keyed by the metric label: a client's made-up model names cannot grow the gates.
+            await self.admission.acquire(model, req.sheddable)
+            inflight = self._inflight_gauge(model)
+            inflight.inc()
+            try:
+                status = await self._route(req, raw, path, headers, send, watch, debug, arrival)
+            finally:
+                inflight.dec()
+                self.admission.release(model)
+        except RequestError as err:
+            status = err.status
+            if err.status == 429:
+                self.metrics.rejected.labels(err.code).inc()
+            await send_error(send, err, self.settings.retry_after_s)
+        except asyncio.CancelledError:
+            if watch is None or not watch.absorb_cancel():
+                raise
+            status = 499
+            self.metrics.client_disconnects.inc()
+        finally:
+            if watch is not None:
+                watch.close()
+            self.metrics.count_request(model, status)
+            self.metrics.duration.observe(time.perf_counter() - arrival)
+
+    def _inflight_gauge(self, model: str) -> Any:
+        gauge = self._inflight.get(model)
+        if gauge is None:
+            gauge = self._inflight[model] = self.metrics.inflight.labels(model)
+        return gauge
+
+    def _known_models(self) -> set[str]:
+        """Models of the fleet (metric labels stay bounded whatever clients send)."""
+        reg = self.scheduler.registry
+        if self._models[0] != reg.version:
+            self._models = (reg.version, reg.models())
+        return self._models[1]
+
+    # ------------------------------------------------------------------ routing
+    async def _route(
+        self,
+        req: RoutingRequest,
+        raw: bytes,
+        path: str,
+        headers: list[tuple[bytes, bytes]],
+        send: Send,
+        watch: ClientWatch,
+        debug: bool,
+        arrival: float,
+    ) -> int:
+        sched = self.scheduler
+        t0 = time.perf_counter()
+        decision = sched.schedule(req, self.settings.profile)
+        self.metrics.schedule_seconds.observe(time.perf_counter() - t0)
+        sched.on_pick(decision)
+        attempt = _Attempt(decision, decision.target)
+        try:
+            return await self._forward(
+                req, attempt, raw, path, headers, send, watch, debug, arrival
+            )
+        except asyncio.CancelledError:
+            # The client left: the pod's work ends with the dropped connection.
+            sched.on_complete(attempt.decision, None)
+            raise
+
+    async def _forward(
+        self,
+        req: RoutingRequest,
+        attempt: _Attempt,
+        raw: bytes,
+        path: str,
+        headers: list[tuple[bytes, bytes]],
+        send: Send,
+        watch: ClientWatch,
+        debug: bool,
+        arrival: float,
+    ) -> int:
+        sched = self.scheduler
+        decision = attempt.decision
+        extra: list[tuple[bytes, bytes]] = []
+        if debug:
+            extra.append((self._decision_header, _decision_summary(decision)))
+        fwd_headers = forwarded_headers(headers)
+        deadline = asyncio.get_running_loop().time() + self.settings.total_timeout_s
+        body = raw
+        if decision.prefill is not None:
+            body = await self._prefill(decision, req.body, path, fwd_headers)
+        retries_left = self.settings.retries
+        first_byte = self.settings.first_byte_timeout_s
+        while True:
+            ep = attempt.endpoint
+            try:
+                opened = await self.upstream.open(
+                    ep, path, body, fwd_headers, req.stream, first_byte
+                )
+            except UpstreamFailure as f:
+                self._pod_failed(attempt.decision, f)
+                nxt = self._retry(attempt, f, retries_left) if f.retryable else None
+                if nxt is None:
+                    return await self._answer_failure(send, f, extra)
+                retries_left -= 1
+                attempt.decision, attempt.endpoint = nxt.decision, nxt.endpoint
+                continue
+            break
+        if attempt.decision is not decision and debug:
+            extra[0] = (self._decision_header, _decision_summary(attempt.decision))
+        d = attempt.decision
+        self.metrics.ttft.observe(time.perf_counter() - arrival)
+        try:
+            if req.stream and opened.status == 200:
+                result: Delivered = await deliver_stream(
+                    opened, send, deadline, extra, watch, lambda: sched.on_first_token(d)
+                )
+            else:
+                sched.on_first_token(d)
+                result = await deliver_full(opened, send, deadline, extra, watch)
+        except BrokenStream as f:
+            self._pod_failed(d, f)
+            return 502
+        except UpstreamFailure as f:
+            self._pod_failed(d, f)
+            return await self._answer_failure(send, f, extra)
+        sched.on_complete(d, result.usage)
+        return result.status
+
+    async def _prefill(
+        self, decision: Decision, body: dict, path: str, headers: dict[str, str]
+    ) -> bytes:
+        assert decision.prefill is not None
+        try:
+            params = await run_prefill(
+                self.upstream,
+                decision.prefill,
+                path,
+                body,
+                headers,
+                self.settings.first_byte_timeout_s,
+            )
+        except PrefillFailed as e:
+            self.metrics.pd_requests.labels("prefill_failed").inc()
+            if e.failure is not None:
+                self.metrics.upstream_failures.labels(e.failure.endpoint, e.failure.kind).inc()
+                if e.failure.retryable:
+                    self.prober.eject(e.failure.endpoint, str(e.failure))
+            log.info("prefill on %s failed, decoding locally: %s", decision.prefill, e.reason)
+            return decode_body(body, None)
+        self.metrics.pd_requests.labels("two_phase").inc()
+        return decode_body(body, params)
+
+    def _pod_failed(self, decision: Decision, f: UpstreamFailure) -> None:
+        self.metrics.upstream_failures.labels(f.endpoint, f.kind).inc()
+        self.scheduler.on_failure(decision, f.endpoint)
+        if not f.kind.startswith("timeout"):
+            # A slow pod is loaded, not dead: load-aware scorers handle it; a failed one leaves.
+            self.prober.eject(f.endpoint, str(f))
+
+    def _retry(self, attempt: _Attempt, f: UpstreamFailure, retries_left: int) -> _Attempt | None:
+        if retries_left <= 0:
+            return None
+        d = attempt.decision
+        remaining = [ep for ep in d.fallbacks if ep != f.endpoint]
+        try:
+            nd = self.scheduler.schedule(d.request, self.settings.profile, subset=remaining or None)
+        except RequestError:
+            return None
+        if nd.target == f.endpoint:
+            return None
+        # The KV of a finished prefill leg stays where it is; the new decode pod pulls it too.
+        nd.prefill = None
+        self.scheduler.on_pick(nd)
+        self.metrics.retries.inc()
+        log.info("retrying %s on %s after %s", d.request.request_id, nd.target, f.kind)
+        return _Attempt(nd, nd.target)
+
+    async def _answer_failure(
+        self, send: Send, f: UpstreamFailure, extra: list[tuple[bytes, bytes]]
+    ) -> int:
+        if isinstance(f, StatusFailure):
+            # Nothing better to say than what the pod said.
+            body = f.body
+            if not body.lstrip().startswith(b"{"):
+                err = f.to_request_error()
+                await send_error(send, err, extra=extra)
+                return err.status
+            await send_full(send, f.status, [(b"content-type", b"application/json"), *extra], body)
+            return f.status
+        err = f.to_request_error()
+        await send_error(send, err, extra=extra)
+        return err.status
+
+
+_encode = msgspec.json.encode
+
+
+def _decision_summary(d: Decision, top: int = 3) -> bytes:
+    """The `x-kvroute-decision` header: pick, prefill pick, profile and the best scores."""
+    main = d.results.get(d.profile)
+    pods = sorted(main.pods, key=lambda s: -s.total)[:top] if main else []
+    return _encode(
+        {
+            "pick": d.target,
+            "prefill": d.prefill,
+            "profile": d.profile,
+            "top": [
+                {"pod": s.endpoint, "score": round(s.total, 4), "hit": round(s.prefix_hit, 4)}
+                for s in pods
+            ],
+        }
+    )

@@ -1,0 +1,66 @@
+"""`ProxySettings`: how the OpenAI proxy listens, forwards, retries, times out and admits.
+
+Loaded from the router config's `proxy:` section by field name; every field has a default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class ProxySettings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    #: Scheduling profile to use (None = the config's handler decides).
+    profile: str | None = None
+    # ------------------------------------------------------------- upstream connections
+    #: Pooled keep-alive HTTP/1.1 connections per pod.
+    pool_per_pod: int = 256
+    keepalive_s: float = 30.0
+    connect_timeout_s: float = 2.0
+    #: Until the response headers (non-streaming) or the first body chunk (streaming).
+    first_byte_timeout_s: float = 60.0
+    #: Whole exchange with the pod, from connect to the last byte.
+    total_timeout_s: float = 600.0
+    #: Other pods tried after a connect failure, reset or 5xx before the first byte.
+    retries: int = 1
+    # ------------------------------------------------------------- health of ejected pods
+    #: A pod that failed a request is probed on this path until it answers 200.
+    health_path: str = "/health"
+    health_interval_s: float = 0.5
+    health_timeout_s: float = 1.0
+    # ------------------------------------------------------------- admission
+    #: Requests forwarded at once per model (0 = unbounded); more wait in the queue.
+    max_inflight_per_model: int = 1024
+    #: Requests waiting per model; beyond it, 429 with Retry-After.
+    max_queued_per_model: int = 1024
+    #: A queued request waiting longer than this gets 429.
+    queue_timeout_s: float = 30.0
+    retry_after_s: int = 1
+    # ------------------------------------------------------------- debug and pass-through
+    debug_header: str = "x-kvroute-debug"
+    decision_header: str = "x-kvroute-decision"
+    #: Pods in `/v1/models` answers are cached this long.
+    models_cache_s: float = 2.0
+    access_log: bool = False
+
+    def __post_init__(self) -> None:
+        for name in (
+            "connect_timeout_s",
+            "first_byte_timeout_s",
+            "total_timeout_s",
+            "health_interval_s",
+            "health_timeout_s",
+            "queue_timeout_s",
+            "keepalive_s",
+        ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"proxy.{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("retries", "max_inflight_per_model", "max_queued_per_model", "retry_after_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"proxy.{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.pool_per_pod < 1:
+            raise ValueError("proxy.pool_per_pod must be >= 1")
+        if not self.health_path.startswith("/"):
+            raise ValueError(f"proxy.health_path must start with '/': {self.health_path!r}")
