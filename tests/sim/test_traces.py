@@ -17,7 +17,8 @@ from router.sim.traces import (
     trace_workload,
 )
 
-MOONCAKE = Path("/work/shared/data/mooncake/conversation_trace.jsonl")
+# The shared data folder sits beside the repository (../shared), in sessions and in CI.
+MOONCAKE = Path(__file__).resolve().parents[3] / "shared/data/mooncake/conversation_trace.jsonl"
 
 
 def _write(tmp_path: Path, lines: list[str]) -> Path:
