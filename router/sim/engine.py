@@ -297,12 +297,15 @@ class Engine:
         config: EngineConfig,
         latency: LatencyModel,
         on_events: EventSink | None = None,
+        cache: KVCache | None = None,
     ) -> None:
+        """`cache`: a KV cache shared with other engines (the simulator's pooled oracle);
+        by default the engine gets its own of `config.num_gpu_blocks` blocks."""
         self.name = name
         self.config = config
         self.latency = latency
         self.on_events = on_events
-        self.cache = KVCache(
+        self.cache = cache or KVCache(
             config.num_gpu_blocks,
             config.block_size,
             config.num_cpu_blocks,
@@ -382,6 +385,10 @@ class Engine:
         if self._transfers:
             return max(now, self._transfers[0][0])
         return None
+
+    def wake(self) -> None:
+        """Blocks may have come back to a shared cache: retry the waiting queue next step."""
+        self._stalled = False
 
     def release(self, request_id: str) -> None:
         blocks = self._pinned.pop(request_id, None)

@@ -254,20 +254,23 @@ class Simulation:
         )
         self.pods: dict[str, _PodState] = {}
         latencies: dict[Profile, LatencyModel] = {}
+        self.pooled = policy in POOLED_POLICIES
+        shared = None
+        if self.pooled:
+            total = sum(
+                EngineConfig.from_profile(prof, role=role).num_gpu_blocks
+                for _, role, prof in plan.pods
+            )
+            shared = KVCache(total, bs, emit_events=False)
         for endpoint, role, prof in plan.pods:
             self.registry.upsert(Pod(endpoint=endpoint, role=role, models=frozenset({MODEL})))
             lat = latencies.get(prof)
             if lat is None:
                 lat = latencies[prof] = LatencyModel(prof)
             sink = self._sink(endpoint) if self.precise else None
-            engine = Engine(endpoint, EngineConfig.from_profile(prof, role=role), lat, sink)
+            engine_config = EngineConfig.from_profile(prof, role=role)
+            engine = Engine(endpoint, engine_config, lat, sink, cache=shared)
             self.pods[endpoint] = _PodState(endpoint, role, engine, prof.tp)
-        self.pooled = policy in POOLED_POLICIES
-        if self.pooled:
-            total = sum(ps.engine.config.num_gpu_blocks for ps in self.pods.values())
-            shared = KVCache(total, bs, emit_events=False)
-            for ps in self.pods.values():
-                ps.engine.cache = shared
         self.scheduler = Scheduler(
             config,
             self.registry,
@@ -489,11 +492,9 @@ class Simulation:
             stalled = [other for other in self._stalled.values() if other is not ps]
             for other in stalled:
                 del self._stalled[other.endpoint]
-                # The engine clears its stall on its own frees, releases and new requests
-                # only; with a shared pool another engine's frees count too. Until the engine
-                # notices frees in a shared cache itself, the runner clears the flag.
-                if hasattr(other.engine, "_stalled"):
-                    other.engine._stalled = False
+                # An engine notices its own frees; another engine's frees in the shared pool
+                # it has to be told of.
+                other.engine.wake()
                 self._wake(other, t)
         ps.pulls -= len(out.kv_pulled)
         for rid in out.kv_pulled:
