@@ -384,6 +384,13 @@ class Scheduler:
         for p in self._learners:
             p.on_first_token(decision, now)
 
+    def on_prefill_done(self, decision: Decision, now: float | None = None) -> None:
+        """P/D: the remote prefill leg ended (its KV is ready to pull, or it failed): the
+        prefill pod's charge goes now, not at the client's first token, which also waits for
+        the transfer and the decode pod's queue. Faces that cannot see the leg (the ext_proc
+        picker, where the sidecar runs it) leave it to `on_first_token`."""
+        self._release_prefill(decision)
+
     def on_complete(
         self, decision: Decision, usage: dict[str, Any] | None = None, now: float | None = None
     ) -> None:

@@ -269,8 +269,13 @@ def test_pd_accounting_charges_the_prefill_pod() -> None:
     s.on_pick(d)
     assert s.registry[d.prefill].inflight_prefill_tokens == d.uncached_tokens
     assert s.registry[d.target].inflight_requests == 1
+    s.on_prefill_done(d)  # the prefill leg ended: its pod is free before the first token
+    assert s.registry[d.prefill].inflight_prefill_tokens == 0
+    assert s.registry[d.target].inflight_requests == 1
+    s.on_first_token(d)
     s.on_complete(d)
     assert s.registry[d.prefill].inflight_prefill_tokens == 0
+    assert s.registry[d.target].inflight_requests == 0
 
 
 def test_round_robin_picker_cycles() -> None:

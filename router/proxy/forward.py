@@ -246,6 +246,7 @@ class Forwarder:
                 self.settings.first_byte_timeout_s,
             )
         except PrefillFailed as e:
+            self.scheduler.on_prefill_done(decision)
             self.metrics.pd_requests.labels("prefill_failed").inc()
             if e.failure is not None:
                 self.metrics.upstream_failures.labels(e.failure.endpoint, e.failure.kind).inc()
@@ -253,6 +254,7 @@ class Forwarder:
                     self.prober.eject(e.failure.endpoint, str(e.failure))
             log.info("prefill on %s failed, decoding locally: %s", decision.prefill, e.reason)
             return decode_body(body, None)
+        self.scheduler.on_prefill_done(decision)
         self.metrics.pd_requests.labels("two_phase").inc()
         return decode_body(body, params)
 

@@ -516,6 +516,7 @@ class Simulation:
     def _hand_off(self, fr: FinishedRequest, t: float) -> None:
         f = self._flights[fr.request_id]
         f.prefill_cached = fr.cached_tokens
+        self.scheduler.on_prefill_done(f.decision, t)
         target = self.pods[f.decision.target]
         link = self._link(fr.engine, target.endpoint)
         target.engine.add_request(
