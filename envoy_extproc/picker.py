@@ -18,6 +18,7 @@ from envoy_extproc.metrics import PickerMetrics
 from envoy_extproc.settings import ExtProcSettings
 from router.request import ChatTemplate, RequestError, parse_request
 from router.scheduler import Decision, Scheduler
+from router.tokenize_worker import TokenizeWorker
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ class Picker:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.scheduler = scheduler
+        self.tokenize = TokenizeWorker(scheduler)
         self.settings = settings or ExtProcSettings()
         self.metrics = metrics or PickerMetrics()
         self.chat_template = chat_template
@@ -43,14 +45,17 @@ class Picker:
         self._rng = random.Random()
 
     # ------------------------------------------------------------------ routing
-    def route(
+    async def route(
         self,
         body: bytes,
         path: str,
         headers: Mapping[str, str],
         subset: Collection[str] | None,
     ) -> Decision:
-        """Parse and schedule; commit the decision (`on_pick`). Raises `RequestError`."""
+        """Parse and schedule; commit the decision (`on_pick`). Raises `RequestError`.
+
+        Tokenizing a long prompt takes milliseconds: it runs in the scheduler's worker
+        thread (`TokenizeWorker`) so other streams keep flowing meanwhile."""
         now = self.clock()
         model = "-"
         try:
@@ -64,6 +69,7 @@ class Picker:
                 now,
             )
             model = req.model
+            await self.tokenize.prepare(req)
             decision = self.scheduler.schedule(req, subset=subset, now=now)
         except RequestError as e:
             self.metrics.errors.labels(self._model_label(model), e.code).inc()

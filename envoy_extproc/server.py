@@ -137,6 +137,7 @@ class PickerServer:
             await self._grpc.stop(grace)
             self._grpc = None
         await self.feeds.stop()
+        self.picker.tokenize.close()
         if self._metrics_server is not None:
             await self._metrics_server.stop()
             self._metrics_server = None

@@ -43,7 +43,7 @@ class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):
                 if message is grpc.aio.EOF:
                     return
                 try:
-                    responses = stream.handle(message)
+                    responses = await stream.handle(message)
                 except Exception:
                     log.exception("ext_proc: picker failed on a %s", message.WhichOneof("request"))
                     await context.write(error_response(_PICKER_FAILED))

@@ -96,7 +96,7 @@ class ExtProcStream:
         return self._decision
 
     # ------------------------------------------------------------------ dispatch
-    def handle(self, req: ProcessingRequest) -> list[ProcessingResponse]:
+    async def handle(self, req: ProcessingRequest) -> list[ProcessingResponse]:
         if req.HasField("protocol_config"):
             pc = req.protocol_config
             self._request_body_mode = pc.request_body_mode
@@ -112,11 +112,11 @@ class ExtProcStream:
         if kind == "request_headers":
             return self._request_headers(req)
         if kind == "request_body":
-            return self._request_body(req.request_body.body, req.request_body.end_of_stream)
+            return await self._request_body(req.request_body.body, req.request_body.end_of_stream)
         if kind == "request_trailers":
             if self._routed:
                 return [msg.request_trailers_response()]
-            return self._route_body(end_in_trailers=True)
+            return await self._route_body(end_in_trailers=True)
         if kind == "response_headers":
             return self._response_headers(req)
         if kind == "response_body":
@@ -150,7 +150,7 @@ class ExtProcStream:
             msg.routing_mutation(target, None), True, msg.destination_metadata(target)
         )
 
-    def _request_body(self, chunk: bytes, end: bool) -> list[ProcessingResponse]:
+    async def _request_body(self, chunk: bytes, end: bool) -> list[ProcessingResponse]:
         if self._routed:  # body after an early answer (e.g. an error already sent)
             return self._pass_request_chunk(chunk, end)
         if chunk:
@@ -174,20 +174,20 @@ class ExtProcStream:
             return []
         if self._request_body_mode != _FULL_DUPLEX:
             self._held_chunks += 1
-        return self._route_body(end_in_trailers=False)
+        return await self._route_body(end_in_trailers=False)
 
     def _pass_request_chunk(self, chunk: bytes, end: bool) -> list[ProcessingResponse]:
         if self._request_body_mode == _FULL_DUPLEX:
             return [msg.request_body_response(streamed=(chunk, end))]
         return [msg.request_body_response()]
 
-    def _route_body(self, end_in_trailers: bool) -> list[ProcessingResponse]:
+    async def _route_body(self, end_in_trailers: bool) -> list[ProcessingResponse]:
         self._routed = True
         body = b"".join(self._body) if len(self._body) != 1 else self._body[0]
         self._body = []
         picker = self._picker
         try:
-            decision = picker.route(body, self._path, self.headers, self._subset)
+            decision = await picker.route(body, self._path, self.headers, self._subset)
         except RequestError as e:
             return [error_response(e)]
         self._decision = decision

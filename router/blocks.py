@@ -185,6 +185,15 @@ class PrefixTokenizer:
             self._cache.popitem(last=False)
 
 
+def estimate_tokens(req: RoutingRequest) -> int:
+    """Prompt tokens without tokenizing: exact when known, else ceil(len(prompt) / 4)."""
+    if req.token_count is not None:
+        return req.token_count
+    if req.token_ids is not None:
+        return len(req.token_ids)
+    return (len(req.prompt) + 3) // 4
+
+
 class BlockKeyer:
     """`RoutingRequest` → block keys (and prompt token count), the one keying of a request.
 
@@ -251,7 +260,7 @@ class BlockKeyer:
                     return req.token_count
             n = len(self._tokenize(req))
         else:
-            return (len(req.prompt) + 3) // 4
+            return estimate_tokens(req)
         req.token_count = n
         return n
 

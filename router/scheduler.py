@@ -18,7 +18,7 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from router.blocks import BlockKeyer
+from router.blocks import BlockKeyer, estimate_tokens
 from router.config import RouterConfig
 from router.index import BlockIndex
 from router.pods import Pod, PodRegistry
@@ -273,14 +273,16 @@ class Scheduler:
         else:
             self.handler = SingleProfileHandler(dict(hspec.parameters), self.profiles)
         self._learners = [p for p in self.plugins.values() if isinstance(p, LearningPlugin)]
-        self._record_approx = self._uses_mode("approximate")
+        index_readers = {getattr(p, "mode", None) for p in self.plugins.values()}
+        if isinstance(self.handler, PDProfileHandler):
+            index_readers.add(self.handler.mode)
+        index_readers.discard(None)
+        #: Some plugin reads a prefix index, so requests need block keys (and token counts).
+        #: Without one (e.g. a round-robin profile) a request is never tokenized.
+        self.needs_keys = bool(index_readers)
+        self._record_approx = "approximate" in index_readers
         self._model_filter = ModelFilter("model-filter", {}, env)
         self._healthy_filter = HealthyFilter("healthy-filter", {}, env)
-
-    def _uses_mode(self, mode: str) -> bool:
-        if self.default_prefix_mode == mode:
-            return True
-        return any(getattr(p, "mode", None) == mode for p in self.plugins.values())
 
     # ------------------------------------------------------------------ scheduling
     def schedule(
@@ -298,12 +300,17 @@ class Scheduler:
             now = self.clock()
         if profile is not None and profile not in self.profiles:
             raise RequestError(400, f"unknown scheduling profile '{profile}'", "unknown_profile")
-        keys = self.keyer.keys(req)
+        if self.needs_keys:
+            keys = self.keyer.keys(req)
+            prompt_tokens = self.keyer.token_count(req)
+        else:
+            keys = []
+            prompt_tokens = estimate_tokens(req)
         ctx = SchedulingContext(
             request=req,
             now=now,
             keys=keys,
-            prompt_tokens=self.keyer.token_count(req),
+            prompt_tokens=prompt_tokens,
             tokens_per_block=self.config.blocks.tokens_per_block,
             rng=self.rng,
             _lookup=lambda mode: self.indexes[mode].longest_prefix(keys),
@@ -345,6 +352,20 @@ class Scheduler:
             prompt_tokens=ctx.prompt_tokens,
             elapsed_s=time.perf_counter() - t0,
         )
+
+    def prepare(self, req: RoutingRequest) -> None:
+        """Do the request-only part of scheduling ahead: tokenize and key the prompt (kept on
+        the request, so `schedule` does not redo it). The costly step for long prompts in
+        token mode; a face may run it in a worker thread (one at a time: the tokenizer's
+        prefix cache is not thread-safe) to keep its event loop free."""
+        if self.needs_keys:
+            self.keyer.keys(req)
+            self.keyer.token_count(req)
+
+    @property
+    def tokenizes(self) -> bool:
+        """True when `prepare` runs a tokenizer (worth moving off an event loop)."""
+        return self.needs_keys and self.keyer.tokenizer is not None
 
     def _saturated(self, pod: Pod) -> bool:
         s = self.config.saturation

@@ -19,11 +19,11 @@ class NoHitLRUScorer:
     def __init__(self, name: str, params: dict[str, Any], env: PluginEnv) -> None:
         check_params("no-hit-lru-scorer", params, {})
         self.name = name
-        self._mode = env.default_prefix_mode
+        self.mode = env.default_prefix_mode
 
     def score(self, ctx: SchedulingContext, pods: Sequence[Pod]) -> list[float]:
         n = len(pods)
-        if n < 2 or ctx.prefix_hits(self._mode):
+        if n < 2 or ctx.prefix_hits(self.mode):
             return [0.0] * n
         order = sorted(range(n), key=lambda i: pods[i].last_picked_at)
         out = [0.0] * n

@@ -111,6 +111,8 @@ class ProxyApp:
         )
 
     async def stop(self) -> None:
+        if self.forwarder is not None:
+            self.forwarder.tokenize.close()
         self.forwarder = None
         await self.feeds.stop()
         if self.prober is not None:

@@ -45,6 +45,7 @@ from router.request import (
     parse_request,
 )
 from router.scheduler import Decision, Scheduler
+from router.tokenize_worker import TokenizeWorker
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ class Forwarder:
         adapters: Container[str] = frozenset(),
     ) -> None:
         self.scheduler = scheduler
+        self.tokenize = TokenizeWorker(scheduler)
         self.upstream = upstream
         self.settings = settings
         self.metrics = metrics
@@ -158,6 +160,7 @@ class Forwarder:
         arrival: float,
     ) -> int:
         sched = self.scheduler
+        await self.tokenize.prepare(req)
         t0 = time.perf_counter()
         decision = sched.schedule(req, self.settings.profile)
         self.metrics.schedule_seconds.observe(time.perf_counter() - t0)

@@ -1,0 +1,549 @@
+"""kvroute side by side with the peer routers, on one emulated fleet, in one command.
+
+    python benchmarks/compare.py [--workload NAME ...|--trace FILE] [--pods N] [--requests N]
+        [--concurrency C] [--speedup X] [--routers a,b,...] [--json OUT] [--plot DIR]
+
+Method. For each workload and each router, in this order: kvroute (default profile: prefix
+cache from the pods' KV events, token mode with the bundled tokenizer, load scorers),
+kvroute-approx (the same profile on character blocks with the approximate index learned from
+its own picks: no tokenizer, no events), kvroute-round-robin, sglang-cache_aware,
+sglang-round_robin (PyPI `sglang-router`), vllm-cache_aware, vllm-kv_aware (PyPI
+`vllm-router`, fed by the pods' KV events) — a fresh emulated fleet is started (same pods,
+seed and latency profile, `--speedup`), so every router starts from cold caches; the router
+starts in its own process in front of it; the project's load generator (`router/loadgen.py`,
+plain OpenAI chat completions, streaming) replays the same requests through it; the fleet's
+prefix-cache hit rate is the delta of the pods' `vllm:prefix_cache_hits_total /
+vllm:prefix_cache_queries_total`; the router's CPU seconds and peak RSS come from /proc (its
+process tree). The pods publish KV events in the map wire form on the empty topic, which both
+kvroute and vllm-router 0.1.17 read. Routers whose package is missing are skipped and named.
+`--repeats N` runs each (workload, router) N times, round-robin over the routers, and reports
+the median of each figure (failures summed).
+
+Workloads (all chat, output capped at `--max-tokens` so the 2-core machine spends its CPU on
+routing, not on streaming tokens). Sizes are in workload tokens; the load generator's text is
+~2.8 bundled-tokenizer tokens per workload token, so the pods see ~2.8x longer prompts:
+- `shared-prompt`: `--groups` system prompts of 2,048 tokens shared by many questions, closed
+  loop at `--concurrency`;
+- `multi-turn`: 3-8 turn chat sessions whose every turn resends the whole history (first
+  message median 1,500 tokens), closed loop at `--concurrency`;
+- `mooncake`: the first `--trace-requests` requests of the Mooncake conversation trace (those
+  with prompts over `--trace-max-input` tokens left out), open loop at the trace's own arrival
+  times scaled by `--time-scale` (0.5 = twice as fast).
+
+Raw overhead: four zero-latency pods (benchmarks/zero_latency_pod.py, one process), 5,000
+small non-streaming completions at concurrency 64 straight to a pod ("direct") and through each
+router: requests/s, and the router's added latency (its p50/p99 minus direct's).
+
+Output: a table per workload, the overhead table, `--json OUT` (the object `{"runs": [...],
+"overhead": [...]}` plus `settings`, `machine`, `versions`, `skipped`), `--plot DIR`
+(ttft_p95.png, hit_rate.png, ttft_cdf_<workload>.png).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import importlib.metadata
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from http_load import Child, closed_loop, python
+from peers import (
+    ROUTERS,
+    FleetView,
+    RouterError,
+    RouterProcess,
+    kvroute_config,
+    vllm_router_binary,
+)
+
+from router.demo import cache_counters
+from router.emulator.fleet import EmulatedFleet
+from router.loadgen import LoadReport, LoadSettings, run_load
+from router.sim.traces import trace_workload
+from router.sim.workloads import LengthDistribution, Workload, make_workload
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+DEFAULT_WORKLOADS = ("shared-prompt", "multi-turn", "mooncake")
+#: Where the Mooncake trace lives: beside the repo (CI), then the shared workplace folder.
+TRACE_CANDIDATES = (
+    REPO.parent / "shared/data/mooncake/conversation_trace.jsonl",
+    Path("/work/shared/data/mooncake/conversation_trace.jsonl"),
+)
+RUN_FIELDS = (
+    "router", "workload", "ttft_p50_s", "ttft_p95_s", "ttft_p99_s", "tpot_p50_s",
+    "output_tokens_per_s", "hit_rate", "failed", "router_cpu_s", "router_peak_rss_mb",
+)  # fmt: skip
+OVERHEAD_BODY = json.dumps(
+    {"model": "m", "prompt": "The quick brown fox " * 8, "max_tokens": 1}
+).encode()
+
+
+def default_trace() -> Path | None:
+    return next((p for p in TRACE_CANDIDATES if p.exists()), None)
+
+
+# --------------------------------------------------------------------------- workloads
+def build_workload(name: str, args: argparse.Namespace) -> tuple[Workload, float | None]:
+    """The workload and, for a trace, the open-loop rate (requests/s) its scaled times give."""
+    n, seed = args.requests, args.seed
+    if name == "shared-prompt":
+        w = make_workload(
+            "shared-prompt", num_requests=n, seed=seed, groups=args.groups, system_tokens=2048
+        )
+        return w, None
+    if name == "multi-turn":
+        w = make_workload(
+            "multi-turn",
+            num_requests=n,
+            seed=seed,
+            first_user=LengthDistribution(1500, 0.4, 400, 3000),
+            user=LengthDistribution(128, 0.6, 16, 1024),
+            min_turns=3,
+            max_turns=8,
+        )
+        return w, None
+    if name == "mooncake" or name.endswith(".jsonl"):
+        path = Path(name) if name.endswith(".jsonl") else default_trace()
+        if path is None:
+            raise SystemExit("compare: no Mooncake trace found; give --trace FILE")
+        w = trace_workload(str(path), limit=args.trace_requests or n, seed=seed)
+        # The load generator's text is ~2.8 bundled-tokenizer tokens per trace token: leave out
+        # the prompts that would not fit a pod's context even so.
+        kept = [a for a in w.arrivals if len(a.token_ids) <= args.trace_max_input]
+        w = dataclasses.replace(
+            w, arrivals=[dataclasses.replace(a, index=i) for i, a in enumerate(kept)]
+        )
+        span = w.arrivals[-1].time_s - w.arrivals[0].time_s if w.arrivals else 0.0
+        rate = len(w.arrivals) / (span * args.time_scale) if span > 0 else None
+        return w, rate
+    return make_workload(name, num_requests=n, seed=seed), None
+
+
+def workload_label(name: str) -> str:
+    return "mooncake" if name.endswith(".jsonl") else name
+
+
+# --------------------------------------------------------------------------- one run
+@dataclass(slots=True)
+class RunResult:
+    row: dict[str, Any]
+    ttfts: list[float] = field(default_factory=list)
+    errors: dict[str, int] = field(default_factory=dict)
+
+
+def pod_args(args: argparse.Namespace) -> list[str]:
+    # Map wire form on the empty topic: what vllm-router 0.1.17 reads; kvroute reads both.
+    return [
+        "--seed", str(args.seed), "--events-wire-form", "map", "--events-topic", "",
+        "--max-model-len", str(args.max_model_len),
+    ]  # fmt: skip
+
+
+def fleet_view(fleet: EmulatedFleet) -> FleetView:
+    doc = fleet.config()
+    approx_doc = {
+        "pods": [{"endpoint": p.endpoint, "models": [p.model]} for p in fleet.pods],
+        "blocks": {"mode": "chars", "chars_per_block": 64},
+        "prefix_index": {"mode": "approximate"},
+    }
+    return FleetView(
+        urls=tuple(p.url for p in fleet.pods),
+        kv_events={p.url: p.kv_events_endpoint for p in fleet.pods if p.kv_events_endpoint},
+        kvroute_config=kvroute_config(doc),
+        kvroute_approx_config=kvroute_config(approx_doc),
+        block_size=fleet.pods[0].block_size,
+    )
+
+
+async def run_one(
+    router: str, workload: Workload, rate: float | None, label: str, args: argparse.Namespace
+) -> RunResult:
+    spec = ROUTERS[router]
+    async with (
+        EmulatedFleet(
+            pods=args.pods,
+            events="bind",
+            pod_args=pod_args(args),
+            speedup=args.speedup,
+            profile=args.profile,
+            stderr=subprocess.DEVNULL,
+        ) as fleet,
+        httpx.AsyncClient(timeout=10.0) as client,
+    ):
+        hits0, queries0 = await cache_counters(client, fleet)
+        proc = RouterProcess(spec, fleet_view(fleet))
+        async with proc:
+            settings = LoadSettings(
+                base_url=proc.url,
+                model=fleet.pods[0].model,
+                api="chat",
+                concurrency=None if rate else args.concurrency,
+                rate=rate,
+                timeout_s=args.timeout,
+                max_tokens_cap=args.max_tokens,
+            )
+            report = await run_load(workload, settings)
+            # Let the last responses' metrics land before reading the counters.
+            await asyncio.sleep(0.3)
+        hits1, queries1 = await cache_counters(client, fleet)
+    return summarize(router, label, report, (hits1 - hits0, queries1 - queries0), proc)
+
+
+def summarize(
+    router: str,
+    workload: str,
+    report: LoadReport,
+    cache: tuple[float, float],
+    proc: RouterProcess,
+) -> RunResult:
+    s = report.summary()
+    hits, queries = cache
+    row = {
+        "router": router,
+        "workload": workload,
+        "ttft_p50_s": s["ttft_p50_s"],
+        "ttft_p95_s": s["ttft_p95_s"],
+        "ttft_p99_s": s["ttft_p99_s"],
+        "tpot_p50_s": s["tpot_p50_s"],
+        "output_tokens_per_s": s["output_tokens_per_s"],
+        "hit_rate": round(hits / queries, 4) if queries > 0 else 0.0,
+        "failed": s["failed"],
+        "router_cpu_s": round(proc.usage.cpu_s, 2),
+        "router_peak_rss_mb": round(proc.usage.peak_rss_mb, 1),
+    }
+    ttfts = [r.ttft_s for r in report.results if r.ok and r.ttft_s is not None]
+    return RunResult(row, ttfts, s["errors"])
+
+
+def median_row(results: list[RunResult]) -> dict[str, Any]:
+    """One row for repeated runs: the median of each figure, the sum of failures."""
+    rows = [r.row for r in results]
+    out = dict(rows[0])
+    for key in RUN_FIELDS[2:]:
+        values = [r[key] for r in rows if r[key] is not None]
+        if key == "failed":
+            out[key] = sum(values)
+        elif values:
+            out[key] = round(statistics.median(values), 6)
+    return out
+
+
+# --------------------------------------------------------------------------- overhead
+async def overhead_one(
+    router: str, urls: tuple[str, ...], direct: dict[str, float], args: argparse.Namespace
+) -> dict[str, Any]:
+    doc = {
+        "pods": [{"endpoint": u.removeprefix("http://"), "models": ["m"]} for u in urls],
+        "blocks": {"mode": "chars"},
+    }
+    config = kvroute_config(doc)
+    view = FleetView(urls=urls, kv_events={}, kvroute_config=config, kvroute_approx_config=config)
+    async with RouterProcess(ROUTERS[router], view) as proc:
+        res = await closed_loop(
+            f"{proc.url}/v1/completions",
+            OVERHEAD_BODY,
+            args.overhead_concurrency,
+            count=args.overhead_requests,
+        )
+    p50, p99 = res.percentile_ms(50), res.percentile_ms(99)
+    return {
+        "router": router,
+        "rps": round(res.rps, 1),
+        "added_p50_ms": round(p50 - direct["p50"], 3),
+        "added_p99_ms": round(p99 - direct["p99"], 3),
+        "failed": res.failed,
+        "router_cpu_s": round(proc.usage.cpu_s, 2),
+    }
+
+
+async def run_overhead(routers: list[str], args: argparse.Namespace) -> list[dict[str, Any]]:
+    pods = Child(python(str(HERE / "zero_latency_pod.py"), "--ports", "0", "0", "0", "0"))
+    try:
+        urls = tuple(f"http://127.0.0.1:{p}" for p in pods.ready)
+        d = await closed_loop(
+            f"{urls[0]}/v1/completions",
+            OVERHEAD_BODY,
+            args.overhead_concurrency,
+            count=args.overhead_requests,
+        )
+        direct = {"p50": d.percentile_ms(50), "p99": d.percentile_ms(99), "rps": d.rps}
+        say(f"overhead: direct {d.rps:,.0f} req/s, p50 {direct['p50']:.2f} ms")
+        out = []
+        # kvroute-approx would repeat kvroute: zero-latency pods make both run in chars mode.
+        for r in (r for r in routers if r != "kvroute-approx"):
+            try:
+                row = await overhead_one(r, urls, direct, args)
+            except RouterError as e:
+                say(f"overhead: {r} did not start: {e}")
+                continue
+            say(f"overhead: {r}: {row}")
+            out.append(row)
+        return out
+    finally:
+        pods.stop()
+
+
+# --------------------------------------------------------------------------- output
+def say(*a: object) -> None:
+    print(*a, file=sys.stderr, flush=True)
+
+
+def format_runs(rows: list[dict[str, Any]]) -> str:
+    head = (
+        f"{'router':<21}{'TTFT p50':>9}{'p95':>8}{'p99':>8}{'TPOT p50':>10}{'out tok/s':>10}"
+        f"{'hit rate':>9}{'failed':>7}{'CPU s':>7}{'RSS MB':>8}"
+    )
+    lines: list[str] = []
+    for wl in dict.fromkeys(r["workload"] for r in rows):
+        lines += [f"\n{wl}", head]
+        for r in (r for r in rows if r["workload"] == wl):
+
+            def f(v: float | None, fmt: str) -> str:
+                return "-" if v is None else format(v, fmt)
+
+            lines.append(
+                f"{r['router']:<21}{f(r['ttft_p50_s'], '.3f'):>9}{f(r['ttft_p95_s'], '.3f'):>8}"
+                f"{f(r['ttft_p99_s'], '.3f'):>8}"
+                f"{f(r['tpot_p50_s'] and r['tpot_p50_s'] * 1000, '.1f') + 'ms':>10}"
+                f"{r['output_tokens_per_s']:>10,.0f}{r['hit_rate']:>9.1%}{r['failed']:>7d}"
+                f"{r['router_cpu_s']:>7.1f}{r['router_peak_rss_mb']:>8.0f}"
+            )
+    return "\n".join(lines)
+
+
+def format_overhead(rows: list[dict[str, Any]]) -> str:
+    lines = [f"\n{'router':<21}{'req/s':>9}{'added p50 ms':>14}{'added p99 ms':>14}"]
+    for r in rows:
+        lines.append(
+            f"{r['router']:<21}{r['rps']:>9,.0f}{r['added_p50_ms']:>14.2f}{r['added_p99_ms']:>14.2f}"
+        )
+    return "\n".join(lines)
+
+
+def plot(
+    out_dir: Path, rows: list[dict[str, Any]], cdfs: dict[tuple[str, str], list[float]]
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    workloads = list(dict.fromkeys(r["workload"] for r in rows))
+    routers = list(dict.fromkeys(r["router"] for r in rows))
+    width = 0.8 / max(1, len(routers))
+    for key, label, fname in (
+        ("ttft_p95_s", "TTFT p95 (s)", "ttft_p95.png"),
+        ("hit_rate", "prefix-cache hit rate", "hit_rate.png"),
+    ):
+        fig, ax = plt.subplots(figsize=(9, 4))
+        for i, router in enumerate(routers):
+            vals = []
+            for wl in workloads:
+                row = next((r for r in rows if r["router"] == router and r["workload"] == wl), None)
+                vals.append((row or {}).get(key) or 0.0)
+            xs = np.arange(len(workloads)) + i * width
+            ax.bar(xs, vals, width, label=router)
+        ax.set_xticks(np.arange(len(workloads)) + width * (len(routers) - 1) / 2, workloads)
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out_dir / fname, dpi=120)
+        plt.close(fig)
+    for wl in workloads:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for router in routers:
+            xs = np.sort(np.array(cdfs.get((router, wl), [])))
+            if len(xs):
+                ax.plot(xs, np.arange(1, len(xs) + 1) / len(xs), label=router)
+        ax.set_xlabel("TTFT (s)")
+        ax.set_ylabel("fraction of requests")
+        ax.set_title(f"TTFT CDF: {wl}")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out_dir / f"ttft_cdf_{wl}.png", dpi=120)
+        plt.close(fig)
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("sglang-router", "vllm-router", "kvroute"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            out[pkg] = importlib.metadata.version(pkg)
+    return out
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "memory_gb": round(mem_gb, 1),
+        "kernel": platform.release(),
+    }
+
+
+# --------------------------------------------------------------------------- main
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    src = p.add_mutually_exclusive_group()
+    src.add_argument(
+        "--workload",
+        action="append",
+        help="shared-prompt, multi-turn, mooncake or another sim workload (repeatable; "
+        "default: shared-prompt, multi-turn, mooncake)",
+    )
+    src.add_argument("--trace", help="a Mooncake JSONL trace (the only workload)")
+    p.add_argument("--pods", type=int, default=4)
+    p.add_argument("--requests", type=int, default=300, help="requests per workload")
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--speedup", type=float, default=2.0, help="emulated s per wall s")
+    p.add_argument("--profile", default=None, help="emulator latency profile")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-tokens", type=int, default=32, help="cap on output tokens per request")
+    p.add_argument(
+        "--max-model-len",
+        type=int,
+        default=262_144,
+        help="pods' context limit (the load generator's text is ~2.7 bundled-tokenizer tokens "
+        "per workload token, so the longest Mooncake prompts exceed 131,072)",
+    )
+    p.add_argument("--groups", type=int, default=16, help="shared-prompt: system prompts")
+    p.add_argument(
+        "--trace-requests", type=int, default=None, help="trace: first N (default --requests)"
+    )
+    p.add_argument(
+        "--trace-max-input",
+        type=int,
+        default=40_000,
+        help="trace: leave out requests with longer prompts (trace tokens)",
+    )
+    p.add_argument("--time-scale", type=float, default=0.5, help="trace: arrival time factor")
+    p.add_argument("--timeout", type=float, default=120.0, help="per-request timeout (s)")
+    p.add_argument(
+        "--repeats", type=int, default=1, help="runs per router and workload (median reported)"
+    )
+    p.add_argument("--routers", default=",".join(ROUTERS), help="comma-separated, in order")
+    p.add_argument("--overhead-requests", type=int, default=5000)
+    p.add_argument("--overhead-concurrency", type=int, default=64)
+    p.add_argument("--no-overhead", action="store_true", help="skip the raw-overhead run")
+    p.add_argument("--no-workloads", action="store_true", help="only the raw-overhead run")
+    p.add_argument("--json", dest="json_out", help="write the result object here")
+    p.add_argument("--plot", help="write PNG charts into this directory")
+    args = p.parse_args(argv)
+    unknown = [r for r in args.routers.split(",") if r not in ROUTERS]
+    if unknown:
+        p.error(f"unknown router(s) {', '.join(unknown)}; known: {', '.join(ROUTERS)}")
+    if min(args.pods, args.requests, args.concurrency, args.repeats) < 1 or args.time_scale <= 0:
+        p.error("--pods, --requests, --concurrency, --repeats must be >= 1, --time-scale > 0")
+    return args
+
+
+async def compare(args: argparse.Namespace) -> dict[str, Any]:
+    wanted = args.routers.split(",")
+    skipped: dict[str, str] = {}
+    routers = []
+    for r in wanted:
+        why = ROUTERS[r].missing()
+        if why:
+            skipped[r] = why
+            say(f"skipping {r}: {why}")
+        else:
+            routers.append(r)
+    names = [args.trace] if args.trace else list(args.workload or DEFAULT_WORKLOADS)
+    if not args.trace and "mooncake" in names and default_trace() is None:
+        say("skipping mooncake: no trace found (give --trace FILE)")
+        names.remove("mooncake")
+    runs: list[dict[str, Any]] = []
+    cdfs: dict[tuple[str, str], list[float]] = {}
+    errors: dict[str, dict[str, int]] = {}
+    all_rows: list[dict[str, Any]] = []
+    if not args.no_workloads:
+        for name in names:
+            workload, rate = build_workload(name, args)
+            label = workload_label(name)
+            pace = f"open loop {rate:.2f} req/s" if rate else f"concurrency {args.concurrency}"
+            each: dict[str, list[RunResult]] = {}
+            # Repeats go round the routers, so drift in what else the machine runs spreads
+            # over all of them.
+            for rep in range(args.repeats):
+                for router in routers:
+                    if f"{router}/{label}" in skipped:
+                        continue  # it did not start before
+                    t0 = time.monotonic()
+                    say(f"{label}: {router}: {len(workload.arrivals)} requests, {pace}")
+                    try:
+                        res = await run_one(router, workload, rate, label, args)
+                    except RouterError as e:
+                        skipped[f"{router}/{label}"] = str(e).splitlines()[0]
+                        say(f"  {router} did not start: {e}")
+                        continue
+                    each.setdefault(router, []).append(res)
+                    all_rows.append(res.row)
+                    if res.errors:
+                        errors[f"{router}/{label}#{rep}"] = res.errors
+                    say(f"  {json.dumps(res.row)} ({time.monotonic() - t0:.0f}s)")
+            for router, results in each.items():
+                runs.append(median_row(results))
+                cdfs[(router, label)] = [t for r in results for t in r.ttfts]
+    overhead = [] if args.no_overhead else await run_overhead(routers, args)
+    if args.plot and runs:
+        plot(Path(args.plot), runs, cdfs)
+    return {
+        "runs": runs,
+        "overhead": [
+            {k: o[k] for k in ("router", "rps", "added_p50_ms", "added_p99_ms")} for o in overhead
+        ],
+        "overhead_detail": overhead,
+        "runs_each": all_rows,
+        "errors": errors,
+        "skipped": skipped,
+        "settings": {k: v for k, v in vars(args).items() if k not in ("json_out", "plot")},
+        "machine": machine(),
+        "versions": versions(),
+        "vllm_router": vllm_router_binary(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    t0 = time.monotonic()
+    result = asyncio.run(compare(args))
+    result["wall_s"] = round(time.monotonic() - t0, 1)
+    if result["runs"]:
+        print(format_runs(result["runs"]))
+    if result["overhead"]:
+        print(format_overhead(result["overhead"]))
+    for what, why in result["skipped"].items():
+        print(f"skipped {what}: {why}")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,349 @@
+"""The routers `compare.py` puts side by side: how to start each one, and what it costs.
+
+A `RouterSpec` turns a fleet (pod URLs, KV-event endpoints, a kvroute config) and a free port
+into a command line; `RouterProcess` starts it on 127.0.0.1, waits until it answers, samples
+its CPU time and resident memory from `/proc` (the process and all its descendants) while it
+runs, and stops it. The peers are the PyPI packages `sglang-router` (launched as
+`python -m sglang_router.launch_router`) and `vllm-router` (a binary on PATH); a peer whose
+package is not installed is reported as missing rather than failing the comparison.
+
+CPU seconds are utime + stime of every live process of the tree plus what its reaped children
+left in cutime + cstime, read just before the router is stopped. Peak RSS is the largest sum
+of `VmRSS` over the tree seen by a sampler that reads `/proc` every `sample_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from router.blocks import BUNDLED_TOKENIZER
+from router.config import DEFAULT_PLUGINS_YAML, parse_config
+
+REPO = Path(__file__).resolve().parent.parent
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------- /proc accounting
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):
+                out += [
+                    int(c) for c in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()
+                ]
+    return out
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and every live descendant."""
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo += _children(p)
+    return tree
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Fields after the command name (which may hold spaces) start at index 2 of `man 5 proc`.
+    return text[text.rindex(")") + 2 :].split()
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """utime + stime of the tree, plus cutime + cstime of reaped children."""
+    ticks = 0
+    for p in process_tree(pid):
+        f = _stat_fields(p)
+        if f is not None:
+            # utime, stime, cutime, cstime are fields 14..17 (1-based); f[0] is field 3.
+            ticks += sum(int(x) for x in f[11:15])
+    return ticks / _CLK_TCK
+
+
+def tree_rss_bytes(pid: int) -> int:
+    total = 0
+    for p in process_tree(pid):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+                    break
+    return total
+
+
+# --------------------------------------------------------------------------- what to start
+@dataclass(frozen=True, slots=True)
+class FleetView:
+    """What a router needs to know about the fleet it fronts."""
+
+    urls: tuple[str, ...]
+    #: pod URL → its bound KV-event PUB endpoint (pods publish the map wire form, empty topic).
+    kv_events: dict[str, str]
+    #: A kvroute config for the fleet, with the default profile and a `round-robin` profile.
+    kvroute_config: str
+    #: The same fleet keyed by characters with the approximate index (no KV events, no
+    #: tokenizer): what `kvroute-approx` runs. None = that router cannot run here.
+    kvroute_approx_config: str | None = None
+    block_size: int = 16
+    tokenizer_dir: str = str(Path(BUNDLED_TOKENIZER).parent)
+
+
+@dataclass(frozen=True, slots=True)
+class RouterSpec:
+    name: str
+    #: (fleet, port, workdir) → argv.
+    command: Callable[[FleetView, int, Path], list[str]]
+    #: None when installed; else why it cannot run here.
+    missing: Callable[[], str | None] = lambda: None
+    ready_path: str = "/health"
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def _kvroute(profile: str, approx: bool = False) -> Callable[[FleetView, int, Path], list[str]]:
+    def command(fleet: FleetView, port: int, workdir: Path) -> list[str]:
+        path = workdir / "kvroute.yaml"
+        config = fleet.kvroute_approx_config if approx else fleet.kvroute_config
+        if config is None:
+            raise RouterError("no character-mode kvroute config for this fleet")
+        path.write_text(config)
+        # The chat template beside the tokenizer the pods use, so chats render (and key) alike.
+        template = Path(fleet.tokenizer_dir) / "tokenizer_config.json"
+        return [
+            sys.executable, "-m", "router.cli", "proxy", "--config", str(path),
+            "--port", str(port), "--profile", profile, "--log-level", "warning",
+            *(["--chat-template", str(template)] if template.exists() else []),
+        ]  # fmt: skip
+
+    return command
+
+
+def _sglang(policy: str) -> Callable[[FleetView, int, Path], list[str]]:
+    def command(fleet: FleetView, port: int, workdir: Path) -> list[str]:
+        return [
+            sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1",
+            "--port", str(port), "--policy", policy, "--prometheus-port", str(free_port()),
+            "--prometheus-host", "127.0.0.1", "--log-level", "warn",
+            "--worker-urls", *fleet.urls,
+        ]  # fmt: skip
+
+    return command
+
+
+def _vllm(policy: str) -> Callable[[FleetView, int, Path], list[str]]:
+    def command(fleet: FleetView, port: int, workdir: Path) -> list[str]:
+        cmd = [
+            vllm_router_binary() or "vllm-router", "--host", "127.0.0.1", "--port", str(port),
+            "--policy", policy, "--prometheus-port", str(free_port()),
+            "--prometheus-host", "127.0.0.1", "--log-level", "warning",
+            "--worker-urls", *fleet.urls,
+        ]  # fmt: skip
+        if policy == "kv_aware":
+            cmd += [
+                "--kv-event-block-size", str(fleet.block_size),
+                "--kv-event-model", fleet.tokenizer_dir,
+            ]  # fmt: skip
+            for url, endpoint in fleet.kv_events.items():
+                cmd += ["--kv-event-source", f"{url}={endpoint}"]
+        return cmd
+
+    return command
+
+
+def vllm_router_binary() -> str | None:
+    """`vllm-router` on PATH, or beside this interpreter (an unactivated venv)."""
+    found = shutil.which("vllm-router")
+    if found:
+        return found
+    beside = Path(sys.executable).parent / "vllm-router"
+    return str(beside) if beside.exists() else None
+
+
+def _sglang_missing() -> str | None:
+    import importlib.util
+
+    if importlib.util.find_spec("sglang_router") is None:
+        return "sglang-router is not installed (pip install -e '.[bench]')"
+    return None
+
+
+def _vllm_missing() -> str | None:
+    return (
+        None if vllm_router_binary() else "vllm-router is not installed (pip install -e '.[bench]')"
+    )
+
+
+_OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RUST_LOG": "warn"}
+
+ROUTERS: dict[str, RouterSpec] = {
+    "kvroute": RouterSpec("kvroute", _kvroute("default"), ready_path="/ready"),
+    "kvroute-approx": RouterSpec(
+        "kvroute-approx", _kvroute("default", approx=True), ready_path="/ready"
+    ),
+    "kvroute-round-robin": RouterSpec(
+        "kvroute-round-robin", _kvroute("round-robin"), ready_path="/ready"
+    ),
+    "sglang-cache_aware": RouterSpec(
+        "sglang-cache_aware", _sglang("cache_aware"), _sglang_missing, env=_OFFLINE
+    ),
+    "sglang-round_robin": RouterSpec(
+        "sglang-round_robin", _sglang("round_robin"), _sglang_missing, env=_OFFLINE
+    ),
+    "vllm-cache_aware": RouterSpec(
+        "vllm-cache_aware", _vllm("cache_aware"), _vllm_missing, env=_OFFLINE
+    ),
+    "vllm-kv_aware": RouterSpec("vllm-kv_aware", _vllm("kv_aware"), _vllm_missing, env=_OFFLINE),
+}
+
+
+# --------------------------------------------------------------------------- running one
+@dataclass(slots=True)
+class Usage:
+    cpu_s: float = 0.0
+    peak_rss_bytes: int = 0
+
+    @property
+    def peak_rss_mb(self) -> float:
+        return self.peak_rss_bytes / 2**20
+
+
+class RouterError(RuntimeError):
+    """A router did not start; the message holds the tail of its log."""
+
+
+class RouterProcess:
+    """`async with RouterProcess(spec, fleet) as r:` → `r.url`; `r.usage` after exit."""
+
+    def __init__(
+        self,
+        spec: RouterSpec,
+        fleet: FleetView,
+        *,
+        startup_timeout_s: float = 60.0,
+        sample_s: float = 0.1,
+    ) -> None:
+        self.spec = spec
+        self.fleet = fleet
+        self.startup_timeout_s = startup_timeout_s
+        self.sample_s = sample_s
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.usage = Usage()
+        self._workdir = Path(tempfile.mkdtemp(prefix=f"compare-{spec.name}-"))
+        self.log_path = self._workdir / "router.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._sampler: asyncio.Task[None] | None = None
+
+    def log_tail(self, lines: int = 20) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+    async def __aenter__(self) -> RouterProcess:
+        cmd = self.spec.command(self.fleet, self.port, self._workdir)
+        env = dict(os.environ, **self.spec.env)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+        with open(self.log_path, "wb") as log:
+            self._proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                cwd=self._workdir, start_new_session=True,
+            )  # fmt: skip
+        try:
+            await self._wait_ready()
+        except BaseException:
+            await self._stop()
+            raise
+        self._sampler = asyncio.create_task(self._sample())
+        return self
+
+    async def _wait_ready(self) -> None:
+        assert self._proc is not None
+        deadline = time.monotonic() + self.startup_timeout_s
+        async with httpx.AsyncClient(timeout=1.0) as client:
+            while time.monotonic() < deadline:
+                if self._proc.poll() is not None:
+                    raise RouterError(
+                        f"{self.spec.name} exited with {self._proc.returncode}:\n{self.log_tail()}"
+                    )
+                with contextlib.suppress(httpx.HTTPError):
+                    r = await client.get(self.url + self.spec.ready_path)
+                    if r.status_code == 200:
+                        return
+                await asyncio.sleep(0.1)
+        raise RouterError(f"{self.spec.name} not ready in {self.startup_timeout_s:g}s:\n"
+                          f"{self.log_tail()}")  # fmt: skip
+
+    async def _sample(self) -> None:
+        assert self._proc is not None
+        while True:
+            rss = tree_rss_bytes(self._proc.pid)
+            self.usage.peak_rss_bytes = max(self.usage.peak_rss_bytes, rss)
+            await asyncio.sleep(self.sample_s)
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self.usage.cpu_s = tree_cpu_seconds(self._proc.pid)
+            self.usage.peak_rss_bytes = max(
+                self.usage.peak_rss_bytes, tree_rss_bytes(self._proc.pid)
+            )
+        await self._stop()
+
+    async def _stop(self) -> None:
+        if self._sampler is not None:
+            self._sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sampler
+            self._sampler = None
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            # The router leads its own session: signal the group so helpers go too.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while proc.poll() is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        shutil.rmtree(self._workdir, ignore_errors=True)
+
+
+def kvroute_config(doc: dict[str, Any]) -> str:
+    """`doc` (pods, blocks, ...) plus kvroute's default profile and a `round-robin` profile."""
+    plugins = yaml.safe_load(DEFAULT_PLUGINS_YAML)
+    plugins["plugins"].append({"type": "round-robin-picker"})
+    plugins["schedulingProfiles"].append(
+        {"name": "round-robin", "plugins": [{"pluginRef": "round-robin-picker"}]}
+    )
+    text = yaml.safe_dump({**doc, **plugins, "seed": 1}, sort_keys=False)
+    parse_config(text, "<compare kvroute config>")  # a bad config fails here, with its message
+    return text
