@@ -22,6 +22,7 @@ Character mode hashes the UTF-8 bytes of `chars_per_block`-character slices with
 from __future__ import annotations
 
 import os
+from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -119,7 +120,7 @@ class PrefixTokenizer:
         if not isinstance(tokenizer, Tokenizer):
             raise TypeError("PrefixTokenizer needs a tokenizers.Tokenizer")
         self._tok = tokenizer
-        self._cache: OrderedDict[int, list[int]] = OrderedDict()
+        self._cache: OrderedDict[int, array[int]] = OrderedDict()
         self._max = max_entries
         self.hits = 0
         self.misses = 0
@@ -163,7 +164,7 @@ class PrefixTokenizer:
             cached = self._cache.get(prefix_hashes[i])
             if cached is not None:
                 self._cache.move_to_end(prefix_hashes[i])
-                ids = list(cached)
+                ids = cached.tolist()
                 start = i + 1
                 self.hits += 1
                 break
@@ -179,7 +180,9 @@ class PrefixTokenizer:
         return ids
 
     def _remember(self, key: int, ids: list[int]) -> None:
-        self._cache[key] = list(ids)
+        # Stored packed (4 bytes a token, not a Python int's ~32): a full cache of long
+        # prompts stays in the tens of megabytes.
+        self._cache[key] = array("I", ids)
         self._cache.move_to_end(key)
         while len(self._cache) > self._max:
             self._cache.popitem(last=False)
