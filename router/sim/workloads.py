@@ -247,6 +247,38 @@ def _collect_sessions(
     return arrivals
 
 
+def _growing_session(
+    rng: np.random.Generator,
+    sid: str,
+    start: float,
+    base: int,
+    head: np.ndarray,
+    steps: int,
+    output: LengthDistribution,
+    appended: LengthDistribution,
+    pause_mean_s: float,
+    max_context: int,
+    vocab_size: int,
+) -> list[_Turn]:
+    """One session whose context grows each step by the reply and an appended part (the next
+    user message, or a tool result), after a pause (think time, or tool time)."""
+    out: list[_Turn] = []
+    context = head
+    t = start
+    pause = 0.0
+    for k in range(steps):
+        if len(context) > max_context:
+            break
+        out_len = output.one(rng)
+        reply = _tokens(rng, out_len, vocab_size)
+        prev = base + k - 1 if k else -1
+        out.append(_Turn(t, sid, context, out_len, reply, prev, pause))
+        pause = float(rng.exponential(pause_mean_s))
+        t += pause
+        context = np.concatenate((context, reply, _tokens(rng, appended.one(rng), vocab_size)))
+    return out
+
+
 def multi_turn(p: MultiTurnParams) -> Workload:
     if not 1 <= p.min_turns <= p.max_turns:
         raise ValueError("multi-turn needs 1 <= min_turns <= max_turns")
@@ -255,22 +287,20 @@ def multi_turn(p: MultiTurnParams) -> Workload:
 
     def session(rng: np.random.Generator, sid: str, start: float, base: int) -> list[_Turn]:
         n_turns = int(rng.integers(p.min_turns, p.max_turns + 1))
-        out: list[_Turn] = []
-        history = np.concatenate((system, _tokens(rng, p.first_user.one(rng), p.vocab_size)))
-        t = start
-        think = 0.0
-        for k in range(n_turns):
-            if len(history) > p.max_context:
-                break
-            out_len = p.output.one(rng)
-            answer = _tokens(rng, out_len, p.vocab_size)
-            prev = base + k - 1 if k else -1
-            out.append(_Turn(t, sid, history, out_len, answer, prev, think))
-            think = float(rng.exponential(p.think_s_mean))
-            t += think
-            user = _tokens(rng, p.user.one(rng), p.vocab_size)
-            history = np.concatenate((history, answer, user))
-        return out
+        head = np.concatenate((system, _tokens(rng, p.first_user.one(rng), p.vocab_size)))
+        return _growing_session(
+            rng,
+            sid,
+            start,
+            base,
+            head,
+            n_turns,
+            p.output,
+            p.user,
+            p.think_s_mean,
+            p.max_context,
+            p.vocab_size,
+        )
 
     arrivals = _collect_sessions(p, rng, (p.min_turns + p.max_turns) / 2, session)
     desc = f"chat sessions of {p.min_turns}-{p.max_turns} turns, think {p.think_s_mean:g}s"
@@ -285,22 +315,20 @@ def agentic(p: AgenticParams) -> Workload:
 
     def session(rng: np.random.Generator, sid: str, start: float, base: int) -> list[_Turn]:
         n_steps = int(rng.integers(p.min_steps, p.max_steps + 1))
-        out: list[_Turn] = []
-        context = np.concatenate((preamble, _tokens(rng, p.task.one(rng), p.vocab_size)))
-        t = start
-        wait = 0.0
-        for k in range(n_steps):
-            if len(context) > p.max_context:
-                break
-            out_len = p.output.one(rng)
-            call = _tokens(rng, out_len, p.vocab_size)
-            prev = base + k - 1 if k else -1
-            out.append(_Turn(t, sid, context, out_len, call, prev, wait))
-            wait = float(rng.exponential(p.tool_s_mean))
-            t += wait
-            result = _tokens(rng, p.tool_result.one(rng), p.vocab_size)
-            context = np.concatenate((context, call, result))
-        return out
+        head = np.concatenate((preamble, _tokens(rng, p.task.one(rng), p.vocab_size)))
+        return _growing_session(
+            rng,
+            sid,
+            start,
+            base,
+            head,
+            n_steps,
+            p.output,
+            p.tool_result,
+            p.tool_s_mean,
+            p.max_context,
+            p.vocab_size,
+        )
 
     arrivals = _collect_sessions(p, rng, (p.min_steps + p.max_steps) / 2, session)
     desc = f"agent loops of {p.min_steps}-{p.max_steps} tool calls on a shared preamble"
