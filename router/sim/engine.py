@@ -834,14 +834,7 @@ class Engine:
                     self._blocked_head, self._blocked_sig = seq, sig
                     break
                 waiting.popleft()
-                self._count_query(seq, hit_tokens, now)
-                cache.touch(hits)
-                new = cache.allocate_reloading(
-                    new_needed, cpu_keys, cache.key[hits[-1]] if hits else None
-                )
-                assert new is not None
-                seq.blocks = hits + new
-                reload_time += self.latency.transfer_time_cpu(len(cpu_keys))
+                reload_time += self._take_blocks(seq, hits, cpu_keys, new_needed, hit_tokens, now)
                 pulled = total - n_hit
                 seq.transferred_tokens = seq.prompt_len - hit_tokens
                 seq.ready_at = seq.req.kv_link.reserve(now, pulled * self._kv_block_bytes)
@@ -855,19 +848,31 @@ class Engine:
                 self._blocked_head, self._blocked_sig = seq, sig
                 break
             waiting.popleft()
-            self._count_query(seq, hit_tokens, now)
-            cache.touch(hits)
-            new = cache.allocate_reloading(
-                new_needed, cpu_keys, cache.key[hits[-1]] if hits else None
-            )
-            assert new is not None
-            seq.blocks = hits + new
-            reload_time += self.latency.transfer_time_cpu(len(cpu_keys))
+            reload_time += self._take_blocks(seq, hits, cpu_keys, new_needed, hit_tokens, now)
             seq.computed = hit_tokens
             self._start_running(seq, now)
             self._add_chunk(seq, chunk, chunks)
             budget -= chunk
         return budget, reload_time
+
+    def _take_blocks(
+        self,
+        seq: _Seq,
+        hits: list[int],
+        cpu_keys: list[int],
+        new_needed: int,
+        hit_tokens: int,
+        now: float,
+    ) -> float:
+        """Admit `seq` to the cache: count its prefix query, reuse its GPU hits, allocate the
+        rest (reloading CPU-tier hits). Returns the CPU→GPU reload time this adds."""
+        cache = self.cache
+        self._count_query(seq, hit_tokens, now)
+        cache.touch(hits)
+        new = cache.allocate_reloading(new_needed, cpu_keys, cache.key[hits[-1]] if hits else None)
+        assert new is not None  # the caller checked the free blocks
+        seq.blocks = hits + new
+        return self.latency.transfer_time_cpu(len(cpu_keys))
 
     def _count_query(self, seq: _Seq, hit_tokens: int, now: float) -> None:
         if seq.queried:
