@@ -119,15 +119,20 @@ class BlockIndex:
         bit = 1 << pb.slot
         holders = self._holders
         pkeys = pb.keys
+        get = holders.get
+        lower = self._lower_tier
+        gpu = tier == Tier.GPU
+        slot = pb.slot
         for key in reversed(keys):
-            holders[key] = holders.get(key, 0) | bit
-            if key in pkeys:
+            if key in pkeys:  # held already: its bit is set, only its LRU place moves
                 del pkeys[key]
+            else:
+                holders[key] = get(key, 0) | bit
             pkeys[key] = now
-            if tier != Tier.GPU:
-                self._lower_tier.setdefault(key, {})[pb.slot] = tier
-            elif key in self._lower_tier:
-                self._drop_lower_tier(key, pb.slot)
+            if not gpu:
+                lower.setdefault(key, {})[slot] = tier
+            elif lower and key in lower:
+                self._drop_lower_tier(key, slot)
         if engine_hashes is not None:
             pb.engine.update(zip(engine_hashes, keys, strict=True))
         if self.capacity_per_pod is not None:
