@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
+from itertools import islice
 
 
 class Tier(IntEnum):
@@ -274,6 +275,8 @@ class BlockIndex:
         alive = holders.get(keys[0], 0)
         if not alive:
             return result
+        if not lower:
+            return self._longest_prefix_gpu(keys, alive)
         deficit: dict[int, float] | None = None  # slot → weight lost to lower tiers
         i = 0
         n = len(keys)
@@ -300,3 +303,32 @@ class BlockIndex:
             if not nxt:
                 return result
             alive = nxt
+
+    def _longest_prefix_gpu(self, keys: Sequence[int], alive: int) -> dict[str, float]:
+        """`longest_prefix` when every entry is in GPU tier: the loop does one dict lookup
+        and one AND per block, and only records pods on the blocks where some drop out."""
+        get = self._holders.get
+        slot_pod = self._slot_pod
+        result: dict[str, float] = {}
+        i = 1
+        for key in islice(keys, 1, None):
+            nxt = alive & get(key, 0)
+            if nxt != alive:
+                dropped = alive & ~nxt
+                while dropped:
+                    low = dropped & -dropped
+                    pod = slot_pod[low.bit_length() - 1]
+                    if pod is not None:
+                        result[pod] = float(i)
+                    dropped ^= low
+                if not nxt:
+                    return result
+                alive = nxt
+            i += 1
+        while alive:
+            low = alive & -alive
+            pod = slot_pod[low.bit_length() - 1]
+            if pod is not None:
+                result[pod] = float(i)
+            alive ^= low
+        return result
