@@ -485,14 +485,25 @@ def _decode_body(raw: bytes | str | dict[str, Any], limit: int) -> dict[str, Any
     try:
         body = _json_decode(raw)
     except msgspec.DecodeError as e:
+        # msgspec >= 0.23 reports bad UTF-8 as a DecodeError; older versions raise UnicodeError.
+        if "utf-8" in str(e).lower():
+            raise _not_utf8(e) from e
         raise RequestError(400, _json_problem(raw, e), code="invalid_json") from e
     except UnicodeError as e:  # bad UTF-8 in a bytes body, a lone surrogate in a str body
-        raise RequestError(400, f"body is not valid UTF-8 text: {e}", code="invalid_json") from e
+        raise _not_utf8(e) from e
+    except RecursionError as e:
+        raise RequestError(
+            400, "body is not valid JSON: nested too deeply", code="invalid_json"
+        ) from e
     if not isinstance(body, dict):
         raise RequestError(
             400, f"body must be a JSON object, not {_json_type(body)}", code="invalid_json"
         )
     return body
+
+
+def _not_utf8(error: Exception) -> RequestError:
+    return RequestError(400, f"body is not valid UTF-8 text: {error}", code="invalid_json")
 
 
 def _json_problem(raw: bytes | str | bytearray | memoryview, error: Exception) -> str:

@@ -803,3 +803,9 @@ def test_render_plain_is_the_documented_format() -> None:
 def test_routing_request_defaults_are_unchanged() -> None:
     req = RoutingRequest(model="m", prompt="p")
     assert (req.kind, req.priority, req.block_keys, req.batch_size) == ("completions", 0, None, 1)
+
+
+def test_deeply_nested_json_is_400() -> None:
+    body = b'{"model": "m", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    err = refusal(body, COMPLETIONS)
+    assert err.status == 400 and "nested too deeply" in err.message
