@@ -2,6 +2,7 @@
 
     python benchmarks/compare.py [--workload NAME ...|--trace FILE] [--pods N] [--requests N]
         [--concurrency C] [--speedup X] [--routers a,b,...] [--json OUT] [--plot DIR]
+        [--router-cpus 0] [--fleet-cpus 1] [--no-pin] [--max-lag-ms 2]
 
 Method. For each workload and each router, in this order: kvroute (default profile: prefix
 cache from the pods' KV events, token mode with the bundled tokenizer, load scorers),
@@ -19,6 +20,28 @@ kvroute and vllm-router 0.1.17 read. Routers whose package is missing are skippe
 `--repeats N` runs each (workload, router) N times, round-robin over the routers, and reports
 the median of each figure (failures summed).
 
+Fairness. Two cores, two sides: the router's process tree is pinned to `--router-cpus`
+(default core 0; every thread, see peers.py), this process (the load generator) and the
+emulated pods it starts to `--fleet-cpus` (default core 1), so a router's own CPU cost cannot
+slow the pods' clocks or the client's, and no router gets the other side's spare cycles. Each
+run measures whether the measuring side kept time: the pods' step lag (how late each engine
+step's tokens reached the HTTP writers past the step's end deadline, wall ms, from the
+`kvroute_emulator_step_lag_seconds` histogram of each pod's /metrics: the run's delta, p99 per
+pod, the worst pod), and the load generator's lag (the larger of its send lag p99 — how late
+each request left against its schedule — and its event-loop lag p99, see router/loadgen.py).
+A run whose lag p99 (the larger of the two) exceeds `--max-lag-ms` (2 ms) is flagged INVALID
+in the table (`"valid": false` in the JSON) and not ranked: its TTFTs carry the harness's own
+delay. `--speedup` 1 (the emulated GPU at real time) is the default: the fleet side's CPU work
+per wall second grows with the speedup (tokens and requests per second), so 1 leaves that core
+the most idle time at a run length of minutes; the earlier default (2, and 4 in the published
+figures) shared the core with twice or four times the work. The check, not the default,
+decides: a busy machine makes every run INVALID at any speedup (measured 2026-12-01 with
+other jobs running: step lag p99 200-970 ms at 0.5, 1 and 2). One cost does not shrink with
+the speedup: a pod tokenizes each new prompt on its event loop (~70 ms CPU for a 25k-token
+Mooncake prompt), which delays that pod's steps meanwhile. The trace's arrival times follow
+the speedup (`--time-scale` defaults to 1 / `--speedup`, so the load relative to the fleet's
+capacity does not change with it).
+
 Workloads (all chat, output capped at `--max-tokens` so the 2-core machine spends its CPU on
 routing, not on streaming tokens). Sizes are in workload tokens; the load generator's text is
 ~2.8 bundled-tokenizer tokens per workload token, so the pods see ~2.8x longer prompts:
@@ -34,9 +57,11 @@ Raw overhead: four zero-latency pods (benchmarks/zero_latency_pod.py, one proces
 small non-streaming completions at concurrency 64 straight to a pod ("direct") and through each
 router: requests/s, and the router's added latency (its p50/p99 minus direct's).
 
-Output: a table per workload, the overhead table, `--json OUT` (the object `{"runs": [...],
-"overhead": [...]}` plus `settings`, `machine`, `versions`, `skipped`), `--plot DIR`
-(ttft_p95.png, hit_rate.png, ttft_cdf_<workload>.png).
+Output: a table per workload (valid runs ranked by TTFT p95), the overhead table, `--json OUT`
+(the object `{"runs": [...], "overhead": [...]}` plus `settings`, `machine`, `versions`,
+`skipped`; each run also has `valid`, `rank`, `lag_p99_ms` and its parts, `router_cpus`, and
+`pod_requests`, the requests each pod served), `--plot DIR` (ttft_p95.png, hit_rate.png,
+ttft_cdf_<workload>.png).
 """
 
 from __future__ import annotations
@@ -69,11 +94,14 @@ from peers import (
     FleetView,
     RouterError,
     RouterProcess,
+    format_cpus,
     kvroute_config,
+    parse_cpus,
+    pin_tree,
     vllm_router_binary,
 )
+from prometheus_client.parser import text_string_to_metric_families
 
-from router.demo import cache_counters
 from router.emulator.fleet import EmulatedFleet
 from router.loadgen import LoadReport, LoadSettings, run_load
 from router.sim.traces import trace_workload
@@ -90,10 +118,26 @@ TRACE_CANDIDATES = (
 RUN_FIELDS = (
     "router", "workload", "ttft_p50_s", "ttft_p95_s", "ttft_p99_s", "tpot_p50_s",
     "output_tokens_per_s", "hit_rate", "failed", "router_cpu_s", "router_peak_rss_mb",
+    "step_lag_p99_ms", "send_lag_p99_ms", "loop_lag_p99_ms", "lag_p99_ms", "valid", "rank",
+    "router_cpus", "pod_requests",
 )  # fmt: skip
+#: Figures a repeated run reports as the median (the rest: see `median_row`).
+MEDIAN_FIELDS = RUN_FIELDS[2:11]
+LAG_FIELDS = ("step_lag_p99_ms", "send_lag_p99_ms", "loop_lag_p99_ms", "lag_p99_ms")
+STEP_LAG_METRIC = "kvroute_emulator_step_lag_seconds"
+REQUESTS_METRIC = "vllm:request_success"
 OVERHEAD_BODY = json.dumps(
     {"model": "m", "prompt": "The quick brown fox " * 8, "max_tokens": 1}
 ).encode()
+
+
+#: Routers the raw-overhead run covers.
+OVERHEAD_ROUTERS = (
+    "kvroute", "kvroute-round-robin", "sglang-cache_aware", "sglang-round_robin",
+    "vllm-cache_aware", "vllm-kv_aware",
+)  # fmt: skip
+#: Routers run by default (the policy routers are for validate_peers.py; name them to add them).
+DEFAULT_ROUTERS = ("kvroute", "kvroute-approx", *OVERHEAD_ROUTERS[1:])
 
 
 def default_trace() -> Path | None:
@@ -141,6 +185,116 @@ def workload_label(name: str) -> str:
     return "mooncake" if name.endswith(".jsonl") else name
 
 
+# --------------------------------------------------------------------------- pods' counters
+@dataclass(slots=True)
+class PodSample:
+    """One pod's counters at one moment (subtract two with `delta`)."""
+
+    requests: float = 0.0
+    hits: float = 0.0
+    queries: float = 0.0
+    #: Step-lag histogram: (upper bound in seconds, cumulative count), +Inf last.
+    lag_buckets: tuple[tuple[float, float], ...] = ()
+
+    def delta(self, before: PodSample) -> PodSample:
+        old = dict(before.lag_buckets)
+        return PodSample(
+            self.requests - before.requests,
+            self.hits - before.hits,
+            self.queries - before.queries,
+            tuple((le, n - old.get(le, 0.0)) for le, n in self.lag_buckets),
+        )
+
+
+def parse_pod_metrics(text: str) -> PodSample:
+    """The counters compare reads from a pod's /metrics page."""
+    out = PodSample()
+    buckets: list[tuple[float, float]] = []
+    for family in text_string_to_metric_families(text):
+        if family.name in ("vllm:prefix_cache_hits", "vllm:prefix_cache_queries", REQUESTS_METRIC):
+            total = sum(s.value for s in family.samples if s.name.endswith("_total"))
+            if family.name == REQUESTS_METRIC:
+                out.requests += total
+            elif family.name.endswith("hits"):
+                out.hits += total
+            else:
+                out.queries += total
+        elif family.name == STEP_LAG_METRIC:
+            for s in family.samples:
+                if s.name.endswith("_bucket"):
+                    buckets.append((float(s.labels["le"]), s.value))
+    out.lag_buckets = tuple(sorted(buckets))
+    return out
+
+
+async def scrape_pods(client: httpx.AsyncClient, fleet: EmulatedFleet) -> list[PodSample]:
+    return [parse_pod_metrics((await client.get(f"{p.url}/metrics")).text) for p in fleet.pods]
+
+
+def histogram_quantile(buckets: tuple[tuple[float, float], ...], q: float) -> float | None:
+    """The q-quantile of a cumulative histogram ((upper bound, count) sorted, +Inf last), by
+    linear interpolation inside the bucket it falls in, as Prometheus' `histogram_quantile`
+    does; in the +Inf bucket, the largest finite bound. None when it holds no observation."""
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    rank = q * buckets[-1][1]
+    lo_bound, lo_count = 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if bound == float("inf"):
+                return lo_bound
+            if count == lo_count:
+                return bound
+            return lo_bound + (bound - lo_bound) * (rank - lo_count) / (count - lo_count)
+        lo_bound, lo_count = bound, count
+    return lo_bound
+
+
+def step_lag_p99_ms(deltas: list[PodSample]) -> float | None:
+    """The worst pod's step-lag p99 over a run (ms); None if no pod ran a step."""
+    values = [histogram_quantile(d.lag_buckets, 0.99) for d in deltas]
+    known = [v for v in values if v is not None]
+    return round(max(known) * 1000, 3) if known else None
+
+
+def lag_verdict(
+    step_ms: float | None, send_ms: float | None, loop_ms: float | None, max_lag_ms: float
+) -> tuple[float | None, bool]:
+    """(the run's lag p99 in ms, valid): the worst of the pods' step lag and the load
+    generator's send and loop lags; valid when it is at most `max_lag_ms`. A run with no pod
+    step lag or no loop lag measured is not valid (nothing shows the timing held)."""
+    parts = [v for v in (step_ms, send_ms, loop_ms) if v is not None]
+    if step_ms is None or loop_ms is None:
+        return (max(parts) if parts else None), False
+    worst = max(parts)
+    return worst, worst <= max_lag_ms
+
+
+def rank_rows(rows: list[dict[str, Any]]) -> None:
+    """Per workload, rank the valid rows by TTFT p95 (1 = lowest); invalid rows get None."""
+    for wl in dict.fromkeys(r["workload"] for r in rows):
+        ranked = sorted(
+            (r for r in rows if r["workload"] == wl and r["valid"] and r["ttft_p95_s"] is not None),
+            key=lambda r: r["ttft_p95_s"],
+        )
+        for r in rows:
+            if r["workload"] == wl:
+                r["rank"] = None
+        for i, r in enumerate(ranked, 1):
+            r["rank"] = i
+
+
+# --------------------------------------------------------------------------- pinning
+def pin_sides(args: argparse.Namespace) -> tuple[frozenset[int] | None, frozenset[int] | None]:
+    """Bind this process (every thread: the load generator) to the fleet's cores, so the pods
+    it starts inherit them; return (router cores, fleet cores), (None, None) with `--no-pin`."""
+    if args.no_pin:
+        return None, None
+    router, fleet = parse_cpus(args.router_cpus), parse_cpus(args.fleet_cpus)
+    pin_tree(os.getpid(), fleet)
+    return router, fleet
+
+
 # --------------------------------------------------------------------------- one run
 @dataclass(slots=True)
 class RunResult:
@@ -170,6 +324,7 @@ def fleet_view(fleet: EmulatedFleet) -> FleetView:
         kvroute_config=kvroute_config(doc),
         kvroute_approx_config=kvroute_config(approx_doc),
         block_size=fleet.pods[0].block_size,
+        fleet_doc=doc,
     )
 
 
@@ -188,8 +343,8 @@ async def run_one(
         ) as fleet,
         httpx.AsyncClient(timeout=10.0) as client,
     ):
-        hits0, queries0 = await cache_counters(client, fleet)
-        proc = RouterProcess(spec, fleet_view(fleet))
+        before = await scrape_pods(client, fleet)
+        proc = RouterProcess(spec, fleet_view(fleet), cpus=args.router_cpu_set)
         async with proc:
             settings = LoadSettings(
                 base_url=proc.url,
@@ -203,19 +358,23 @@ async def run_one(
             report = await run_load(workload, settings)
             # Let the last responses' metrics land before reading the counters.
             await asyncio.sleep(0.3)
-        hits1, queries1 = await cache_counters(client, fleet)
-    return summarize(router, label, report, (hits1 - hits0, queries1 - queries0), proc)
+        after = await scrape_pods(client, fleet)
+    deltas = [a.delta(b) for a, b in zip(after, before, strict=True)]
+    return summarize(router, label, report, deltas, proc, args.max_lag_ms)
 
 
 def summarize(
     router: str,
     workload: str,
     report: LoadReport,
-    cache: tuple[float, float],
+    pods: list[PodSample],
     proc: RouterProcess,
+    max_lag_ms: float = 2.0,
 ) -> RunResult:
     s = report.summary()
-    hits, queries = cache
+    hits, queries = sum(p.hits for p in pods), sum(p.queries for p in pods)
+    step_ms = step_lag_p99_ms(pods)
+    lag, valid = lag_verdict(step_ms, s["send_lag_p99_ms"], s["loop_lag_p99_ms"], max_lag_ms)
     row = {
         "router": router,
         "workload": workload,
@@ -228,21 +387,35 @@ def summarize(
         "failed": s["failed"],
         "router_cpu_s": round(proc.usage.cpu_s, 2),
         "router_peak_rss_mb": round(proc.usage.peak_rss_mb, 1),
+        "step_lag_p99_ms": step_ms,
+        "send_lag_p99_ms": s["send_lag_p99_ms"],
+        "loop_lag_p99_ms": s["loop_lag_p99_ms"],
+        "lag_p99_ms": lag,
+        "valid": valid,
+        "rank": None,
+        "router_cpus": format_cpus(proc.usage.cpus) if proc.usage.cpus else None,
+        "pod_requests": [int(p.requests) for p in pods],
     }
     ttfts = [r.ttft_s for r in report.results if r.ok and r.ttft_s is not None]
     return RunResult(row, ttfts, s["errors"])
 
 
 def median_row(results: list[RunResult]) -> dict[str, Any]:
-    """One row for repeated runs: the median of each figure, the sum of failures."""
+    """One row for repeated runs: the median of each figure, the sum of failures and of each
+    pod's requests, the worst lag; valid only if every run was."""
     rows = [r.row for r in results]
     out = dict(rows[0])
-    for key in RUN_FIELDS[2:]:
+    for key in MEDIAN_FIELDS:
         values = [r[key] for r in rows if r[key] is not None]
         if key == "failed":
             out[key] = sum(values)
         elif values:
             out[key] = round(statistics.median(values), 6)
+    for key in LAG_FIELDS:
+        values = [r[key] for r in rows if r[key] is not None]
+        out[key] = max(values) if values else None
+    out["valid"] = all(r["valid"] for r in rows)
+    out["pod_requests"] = [sum(col) for col in zip(*(r["pod_requests"] for r in rows), strict=True)]
     return out
 
 
@@ -256,7 +429,7 @@ async def overhead_one(
     }
     config = kvroute_config(doc)
     view = FleetView(urls=urls, kv_events={}, kvroute_config=config, kvroute_approx_config=config)
-    async with RouterProcess(ROUTERS[router], view) as proc:
+    async with RouterProcess(ROUTERS[router], view, cpus=args.router_cpu_set) as proc:
         res = await closed_loop(
             f"{proc.url}/v1/completions",
             OVERHEAD_BODY,
@@ -287,8 +460,9 @@ async def run_overhead(routers: list[str], args: argparse.Namespace) -> list[dic
         direct = {"p50": d.percentile_ms(50), "p99": d.percentile_ms(99), "rps": d.rps}
         say(f"overhead: direct {d.rps:,.0f} req/s, p50 {direct['p50']:.2f} ms")
         out = []
-        # kvroute-approx would repeat kvroute: zero-latency pods make both run in chars mode.
-        for r in (r for r in routers if r != "kvroute-approx"):
+        # kvroute-approx would repeat kvroute: zero-latency pods make both run in chars mode;
+        # the policy routers need an emulated fleet's document.
+        for r in (r for r in routers if r in OVERHEAD_ROUTERS):
             try:
                 row = await overhead_one(r, urls, direct, args)
             except RouterError as e:
@@ -308,8 +482,8 @@ def say(*a: object) -> None:
 
 def format_runs(rows: list[dict[str, Any]]) -> str:
     head = (
-        f"{'router':<21}{'TTFT p50':>9}{'p95':>8}{'p99':>8}{'TPOT p50':>10}{'out tok/s':>10}"
-        f"{'hit rate':>9}{'failed':>7}{'CPU s':>7}{'RSS MB':>8}"
+        f"{'router':<27}{'TTFT p50':>9}{'p95':>8}{'p99':>8}{'TPOT p50':>10}{'out tok/s':>10}"
+        f"{'hit rate':>9}{'failed':>7}{'CPU s':>7}{'RSS MB':>8}{'lag p99':>11}{'rank':>9}"
     )
     lines: list[str] = []
     for wl in dict.fromkeys(r["workload"] for r in rows):
@@ -319,21 +493,23 @@ def format_runs(rows: list[dict[str, Any]]) -> str:
             def f(v: float | None, fmt: str) -> str:
                 return "-" if v is None else format(v, fmt)
 
+            rank = "INVALID" if not r.get("valid", True) else f(r.get("rank"), "d")
             lines.append(
-                f"{r['router']:<21}{f(r['ttft_p50_s'], '.3f'):>9}{f(r['ttft_p95_s'], '.3f'):>8}"
+                f"{r['router']:<27}{f(r['ttft_p50_s'], '.3f'):>9}{f(r['ttft_p95_s'], '.3f'):>8}"
                 f"{f(r['ttft_p99_s'], '.3f'):>8}"
                 f"{f(r['tpot_p50_s'] and r['tpot_p50_s'] * 1000, '.1f') + 'ms':>10}"
                 f"{r['output_tokens_per_s']:>10,.0f}{r['hit_rate']:>9.1%}{r['failed']:>7d}"
                 f"{r['router_cpu_s']:>7.1f}{r['router_peak_rss_mb']:>8.0f}"
+                f"{f(r.get('lag_p99_ms'), '.2f') + 'ms':>11}{rank:>9}"
             )
     return "\n".join(lines)
 
 
 def format_overhead(rows: list[dict[str, Any]]) -> str:
-    lines = [f"\n{'router':<21}{'req/s':>9}{'added p50 ms':>14}{'added p99 ms':>14}"]
+    lines = [f"\n{'router':<27}{'req/s':>9}{'added p50 ms':>14}{'added p99 ms':>14}"]
     for r in rows:
         lines.append(
-            f"{r['router']:<21}{r['rps']:>9,.0f}{r['added_p50_ms']:>14.2f}{r['added_p99_ms']:>14.2f}"
+            f"{r['router']:<27}{r['rps']:>9,.0f}{r['added_p50_ms']:>14.2f}{r['added_p99_ms']:>14.2f}"
         )
     return "\n".join(lines)
 
@@ -421,7 +597,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pods", type=int, default=4)
     p.add_argument("--requests", type=int, default=300, help="requests per workload")
     p.add_argument("--concurrency", type=int, default=16)
-    p.add_argument("--speedup", type=float, default=2.0, help="emulated s per wall s")
+    p.add_argument(
+        "--speedup",
+        type=float,
+        default=1.0,
+        help="emulated s per wall s (1: the time scale at which runs were valid on 2 cores)",
+    )
     p.add_argument("--profile", default=None, help="emulator latency profile")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-tokens", type=int, default=32, help="cap on output tokens per request")
@@ -442,12 +623,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=40_000,
         help="trace: leave out requests with longer prompts (trace tokens)",
     )
-    p.add_argument("--time-scale", type=float, default=0.5, help="trace: arrival time factor")
+    p.add_argument(
+        "--time-scale",
+        type=float,
+        default=None,
+        help="trace: arrival time factor (default 1 / --speedup: the same load at any speedup)",
+    )
     p.add_argument("--timeout", type=float, default=120.0, help="per-request timeout (s)")
     p.add_argument(
         "--repeats", type=int, default=1, help="runs per router and workload (median reported)"
     )
-    p.add_argument("--routers", default=",".join(ROUTERS), help="comma-separated, in order")
+    p.add_argument(
+        "--routers",
+        default=",".join(DEFAULT_ROUTERS),
+        help=f"comma-separated, in order (known: {', '.join(ROUTERS)})",
+    )
+    p.add_argument("--router-cpus", default="0", help="cores of the router's process tree")
+    p.add_argument(
+        "--fleet-cpus", default="1", help="cores of the emulated pods and the load generator"
+    )
+    p.add_argument("--no-pin", action="store_true", help="do not pin (runs share every core)")
+    p.add_argument(
+        "--max-lag-ms",
+        type=float,
+        default=2.0,
+        help="a run whose step or send lag p99 exceeds this is INVALID (not ranked)",
+    )
     p.add_argument("--overhead-requests", type=int, default=5000)
     p.add_argument("--overhead-concurrency", type=int, default=64)
     p.add_argument("--no-overhead", action="store_true", help="skip the raw-overhead run")
@@ -458,12 +659,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [r for r in args.routers.split(",") if r not in ROUTERS]
     if unknown:
         p.error(f"unknown router(s) {', '.join(unknown)}; known: {', '.join(ROUTERS)}")
-    if min(args.pods, args.requests, args.concurrency, args.repeats) < 1 or args.time_scale <= 0:
-        p.error("--pods, --requests, --concurrency, --repeats must be >= 1, --time-scale > 0")
+    if min(args.pods, args.requests, args.concurrency, args.repeats) < 1:
+        p.error("--pods, --requests, --concurrency, --repeats must be >= 1")
+    if args.speedup <= 0 or (args.time_scale is not None and args.time_scale <= 0):
+        p.error("--speedup and --time-scale must be > 0")
+    if args.time_scale is None:
+        args.time_scale = 1.0 / args.speedup
+    args.router_cpu_set = None
+    if not args.no_pin:
+        try:
+            router, fleet = parse_cpus(args.router_cpus), parse_cpus(args.fleet_cpus)
+        except ValueError as e:
+            p.error(f"--router-cpus/--fleet-cpus: {e}")
+        allowed = os.sched_getaffinity(0)
+        if not (router | fleet) <= allowed:
+            p.error(
+                f"--router-cpus {args.router_cpus} / --fleet-cpus {args.fleet_cpus}: this "
+                f"process may use cores {format_cpus(allowed)} only (or give --no-pin)"
+            )
+        if router & fleet:
+            p.error("--router-cpus and --fleet-cpus overlap: give each side its own cores")
+        args.router_cpu_set = router
     return args
 
 
 async def compare(args: argparse.Namespace) -> dict[str, Any]:
+    _, fleet_cpus = pin_sides(args)
+    if fleet_cpus is not None:
+        say(f"pinned: routers on cores {args.router_cpus}, pods and load generator on "
+            f"{format_cpus(fleet_cpus)}")  # fmt: skip
     wanted = args.routers.split(",")
     skipped: dict[str, str] = {}
     routers = []
@@ -510,6 +734,7 @@ async def compare(args: argparse.Namespace) -> dict[str, Any]:
             for router, results in each.items():
                 runs.append(median_row(results))
                 cdfs[(router, label)] = [t for r in results for t in r.ttfts]
+    rank_rows(runs)
     overhead = [] if args.no_overhead else await run_overhead(routers, args)
     if args.plot and runs:
         plot(Path(args.plot), runs, cdfs)
@@ -522,7 +747,9 @@ async def compare(args: argparse.Namespace) -> dict[str, Any]:
         "runs_each": all_rows,
         "errors": errors,
         "skipped": skipped,
-        "settings": {k: v for k, v in vars(args).items() if k not in ("json_out", "plot")},
+        "settings": {
+            k: v for k, v in vars(args).items() if k not in ("json_out", "plot", "router_cpu_set")
+        },
         "machine": machine(),
         "versions": versions(),
         "vllm_router": vllm_router_binary(),

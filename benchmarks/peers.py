@@ -10,6 +10,13 @@ package is not installed is reported as missing rather than failing the comparis
 CPU seconds are utime + stime of every live process of the tree plus what its reaped children
 left in cutime + cstime, read just before the router is stopped. Peak RSS is the largest sum
 of `VmRSS` over the tree seen by a sampler that reads `/proc` every `sample_s`.
+
+Pinning (`cpus=`): every thread of the router's tree is bound to those cores right after the
+start (threads and processes it makes later inherit the binding), again once it answers (for
+threads a fast-starting binary made in between), and the cores its threads were allowed at
+the end are recorded, so a run can show it really was confined. `kvroute-sglang-cache-aware`
+and `kvroute-vllm-kv-aware` run kvroute with the peer policies' example configs
+(`configs/policies/`), for the validation against the real peers (`validate_peers.py`).
 """
 
 from __future__ import annotations
@@ -98,6 +105,62 @@ def tree_rss_bytes(pid: int) -> int:
     return total
 
 
+# --------------------------------------------------------------------------- pinning
+def parse_cpus(text: str) -> frozenset[int]:
+    """A CPU list as taskset and /proc write it ("0", "1,3", "0-2,5") → the set of cores."""
+    cpus: set[int] = set()
+    for part in text.replace(" ", "").split(","):
+        lo, sep, hi = part.partition("-")
+        try:
+            a = int(lo)
+            b = int(hi) if sep else a
+        except ValueError:
+            raise ValueError(f"not a CPU list: {text!r} (want e.g. 0 or 0-1,3)") from None
+        if a < 0 or b < a:
+            raise ValueError(f"not a CPU list: {text!r} (want e.g. 0 or 0-1,3)")
+        cpus.update(range(a, b + 1))
+    return frozenset(cpus)
+
+
+def format_cpus(cpus: frozenset[int] | set[int]) -> str:
+    """The inverse of `parse_cpus`, with runs collapsed ({0, 1, 2, 5} → "0-2,5")."""
+    runs: list[list[int]] = []
+    for c in sorted(cpus):
+        if runs and runs[-1][1] == c - 1:
+            runs[-1][1] = c
+        else:
+            runs.append([c, c])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def _threads(pid: int) -> list[int]:
+    with contextlib.suppress(OSError):
+        return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    return []
+
+
+def pin_tree(pid: int, cpus: frozenset[int]) -> int:
+    """Bind every thread of `pid` and its descendants to `cpus`; the number of threads bound
+    (threads that exit meanwhile are skipped)."""
+    done = 0
+    for p in process_tree(pid):
+        for tid in _threads(p):
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(tid, cpus)
+                done += 1
+    return done
+
+
+def tree_affinity(pid: int) -> frozenset[int]:
+    """The cores any thread of the tree may run on (the union of their affinities)."""
+    out: set[int] = set()
+    for p in process_tree(pid):
+        for tid in _threads(p):
+            with contextlib.suppress(OSError):
+                out |= os.sched_getaffinity(tid)
+    return frozenset(out)
+
+
 # --------------------------------------------------------------------------- what to start
 @dataclass(frozen=True, slots=True)
 class FleetView:
@@ -113,6 +176,9 @@ class FleetView:
     kvroute_approx_config: str | None = None
     block_size: int = 16
     tokenizer_dir: str = str(Path(BUNDLED_TOKENIZER).parent)
+    #: The fleet's kvroute config as a document (pods, blocks): what the policy routers start
+    #: from. None = they cannot run here.
+    fleet_doc: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,12 +210,73 @@ def _kvroute(profile: str, approx: bool = False) -> Callable[[FleetView, int, Pa
     return command
 
 
+POLICY_DIR = REPO / "configs" / "policies"
+
+
+def policy_config(fleet_doc: dict[str, Any], policy: str) -> str:
+    """The fleet's config with the plugins, profiles and index settings of
+    `configs/policies/<policy>.yaml` (its example pods replaced by the fleet's). The fleet's
+    own `blocks:` (token mode, the pods' block size and seed) wins, so keys match the pods'
+    KV events; a policy that routes on text alone gets character blocks (no tokenizer)."""
+    path = POLICY_DIR / f"{policy}.yaml"
+    try:
+        policy_doc = yaml.safe_load(path.read_text())
+    except OSError as e:
+        known = sorted(p.stem for p in POLICY_DIR.glob("*.yaml"))
+        raise RouterError(f"no policy config {path} ({e.strerror}); known: {known}") from None
+    doc = {k: v for k, v in policy_doc.items() if k not in ("pods", "blocks")}
+    doc["pods"] = fleet_doc["pods"]
+    uses_blocks = policy_doc.get("blocks") is not None or "prefix_index" in policy_doc
+    if uses_blocks and "blocks" in fleet_doc:
+        doc["blocks"] = fleet_doc["blocks"]
+    else:
+        doc["blocks"] = {"mode": "chars"}
+    text = yaml.safe_dump({**doc, "proxy": PROXY_TIMEOUTS, "seed": 1}, sort_keys=False)
+    parse_config(text, f"<compare {policy} config>")
+    return text
+
+
+def _kvroute_policy(policy: str) -> Callable[[FleetView, int, Path], list[str]]:
+    def command(fleet: FleetView, port: int, workdir: Path) -> list[str]:
+        if fleet.fleet_doc is None:
+            raise RouterError("no fleet document for a policy config")
+        path = workdir / "kvroute.yaml"
+        path.write_text(policy_config(fleet.fleet_doc, policy))
+        template = Path(fleet.tokenizer_dir) / "tokenizer_config.json"
+        return [
+            sys.executable, "-m", "router.cli", "proxy", "--config", str(path),
+            "--port", str(port), "--log-level", "warning",
+            *(["--chat-template", str(template)] if template.exists() else []),
+        ]  # fmt: skip
+
+    return command
+
+
+def _policy_missing(policy: str) -> Callable[[], str | None]:
+    def missing() -> str | None:
+        if not (POLICY_DIR / f"{policy}.yaml").exists():
+            return f"configs/policies/{policy}.yaml does not exist"
+        return None
+
+    return missing
+
+
+#: sglang-router's `cache_aware` parameters, passed explicitly so both sides run the same
+#: ones: its CLI defaults, as `configs/policies/sglang-cache-aware.yaml` sets them.
+SGLANG_CACHE_AWARE_ARGS = (
+    "--cache-threshold", "0.3", "--balance-abs-threshold", "64",
+    "--balance-rel-threshold", "1.5", "--eviction-interval-secs", "60",
+    "--max-tree-size", str(2**26),
+)  # fmt: skip
+
+
 def _sglang(policy: str) -> Callable[[FleetView, int, Path], list[str]]:
     def command(fleet: FleetView, port: int, workdir: Path) -> list[str]:
         return [
             sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1",
             "--port", str(port), "--policy", policy, "--prometheus-port", str(free_port()),
             "--prometheus-host", "127.0.0.1", "--log-level", "warn",
+            *(SGLANG_CACHE_AWARE_ARGS if policy == "cache_aware" else ()),
             "--worker-urls", *fleet.urls,
         ]  # fmt: skip
 
@@ -219,6 +346,19 @@ ROUTERS: dict[str, RouterSpec] = {
         "vllm-cache_aware", _vllm("cache_aware"), _vllm_missing, env=_OFFLINE
     ),
     "vllm-kv_aware": RouterSpec("vllm-kv_aware", _vllm("kv_aware"), _vllm_missing, env=_OFFLINE),
+    # The peers' policies re-implemented in kvroute (validated against the two above).
+    "kvroute-sglang-cache-aware": RouterSpec(
+        "kvroute-sglang-cache-aware",
+        _kvroute_policy("sglang-cache-aware"),
+        _policy_missing("sglang-cache-aware"),
+        ready_path="/ready",
+    ),
+    "kvroute-vllm-kv-aware": RouterSpec(
+        "kvroute-vllm-kv-aware",
+        _kvroute_policy("vllm-kv-aware"),
+        _policy_missing("vllm-kv-aware"),
+        ready_path="/ready",
+    ),
 }
 
 
@@ -227,6 +367,8 @@ ROUTERS: dict[str, RouterSpec] = {
 class Usage:
     cpu_s: float = 0.0
     peak_rss_bytes: int = 0
+    #: The cores the tree's threads were allowed on at the end (empty = not read).
+    cpus: frozenset[int] = frozenset()
 
     @property
     def peak_rss_mb(self) -> float:
@@ -247,8 +389,10 @@ class RouterProcess:
         *,
         startup_timeout_s: float = 60.0,
         sample_s: float = 0.1,
+        cpus: frozenset[int] | None = None,
     ) -> None:
         self.spec = spec
+        self.cpus = cpus
         self.fleet = fleet
         self.startup_timeout_s = startup_timeout_s
         self.sample_s = sample_s
@@ -274,11 +418,15 @@ class RouterProcess:
                 cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                 cwd=self._workdir, start_new_session=True,
             )  # fmt: skip
+        if self.cpus:
+            pin_tree(self._proc.pid, self.cpus)
         try:
             await self._wait_ready()
         except BaseException:
             await self._stop()
             raise
+        if self.cpus:
+            pin_tree(self._proc.pid, self.cpus)
         self._sampler = asyncio.create_task(self._sample())
         return self
 
@@ -312,6 +460,7 @@ class RouterProcess:
             self.usage.peak_rss_bytes = max(
                 self.usage.peak_rss_bytes, tree_rss_bytes(self._proc.pid)
             )
+            self.usage.cpus = tree_affinity(self._proc.pid)
         await self._stop()
 
     async def _stop(self) -> None:
@@ -337,6 +486,12 @@ class RouterProcess:
         shutil.rmtree(self._workdir, ignore_errors=True)
 
 
+#: kvroute proxy timeouts in the comparison: the peers' (`--request-timeout-secs` 1800), so
+#: no router cuts a slow request before another would (kvroute's own first-byte default, 60 s,
+#: turned an overloaded fleet's slow prefills into 504s and the pods into ejected ones).
+PROXY_TIMEOUTS = {"first_byte_timeout_s": 1800.0, "total_timeout_s": 1800.0}
+
+
 def kvroute_config(doc: dict[str, Any]) -> str:
     """`doc` (pods, blocks, ...) plus kvroute's default profile and a `round-robin` profile."""
     plugins = yaml.safe_load(DEFAULT_PLUGINS_YAML)
@@ -344,6 +499,6 @@ def kvroute_config(doc: dict[str, Any]) -> str:
     plugins["schedulingProfiles"].append(
         {"name": "round-robin", "plugins": [{"pluginRef": "round-robin-picker"}]}
     )
-    text = yaml.safe_dump({**doc, **plugins, "seed": 1}, sort_keys=False)
+    text = yaml.safe_dump({**doc, **plugins, "proxy": PROXY_TIMEOUTS, "seed": 1}, sort_keys=False)
     parse_config(text, "<compare kvroute config>")  # a bad config fails here, with its message
     return text

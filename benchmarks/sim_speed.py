@@ -21,8 +21,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from router.sim.runner import SimSettings, run_policies
-
 from router.sim.cli import (
     DEFAULT_LOAD,
     DEFAULT_PODS,
@@ -31,6 +29,7 @@ from router.sim.cli import (
 )
 from router.sim.fleet import parse_fleet
 from router.sim.policies import POLICIES
+from router.sim.runner import SimSettings, run_policies
 from router.sim.workloads import make_workload
 
 

@@ -90,7 +90,8 @@ def render_bootstrap(
                 ]
                 for vhost in hcm["route_config"]["virtual_hosts"]:
                     for route in vhost["routes"]:
-                        route["request_headers_to_add"] = [set_destination]
+                        if "route" in route:
+                            route["request_headers_to_add"] = [set_destination]
     return yaml.safe_dump(doc, sort_keys=False)
 
 

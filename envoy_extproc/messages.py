@@ -102,14 +102,20 @@ def request_body_response(
     clear_route_cache: bool = False,
     metadata: Struct | None = None,
     streamed: tuple[bytes, bool] | None = None,
+    replace: bytes | None = None,
 ) -> ProcessingResponse:
     """Answer to a `request_body`: pass-through, optionally with the routing mutation, or (in
-    full-duplex mode) the body handed back as one `streamed_response` (body, end_of_stream)."""
+    full-duplex mode) the body handed back as one `streamed_response` (body, end_of_stream).
+
+    `replace` (BUFFERED and STREAMED modes) puts these bytes in place of the chunk answered;
+    b"" clears it."""
     body_mutation = None
     if streamed is not None:
         body_mutation = BodyMutation(
             streamed_response=StreamedBodyResponse(body=streamed[0], end_of_stream=streamed[1])
         )
+    elif replace is not None:
+        body_mutation = BodyMutation(body=replace) if replace else BodyMutation(clear_body=True)
     common = CommonResponse(
         header_mutation=mutation, clear_route_cache=clear_route_cache, body_mutation=body_mutation
     )

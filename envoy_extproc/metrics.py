@@ -64,6 +64,12 @@ class PickerMetrics:
         self.decisions = Counter(
             "kvroute_decisions", "Scheduling decisions", ["profile", "result"], registry=r
         )
+        self.stripped_fields = Counter(
+            "kvroute_stripped_fields",
+            "Router-only body fields a client sent, removed before the pod, by field",
+            ["field"],
+            registry=r,
+        )
         self.request_duration = Histogram(
             "kvroute_request_duration_seconds",
             "Request headers to response end",
@@ -135,11 +141,21 @@ def time_plugins(scheduler: Any, metrics: PickerMetrics) -> None:
             for f in profile.filters
         ]
         profile.scorers = [
-            (_Timed(s, "score", metrics.plugin_duration.labels(name, _name(s), "scorer")), w)
+            (
+                _Timed(
+                    s, _score_method(s), metrics.plugin_duration.labels(name, _name(s), "scorer")
+                ),
+                w,
+            )
             for s, w in profile.scorers
         ]
         p = profile.picker
         profile.picker = _Timed(p, "pick", metrics.plugin_duration.labels(name, _name(p), "picker"))
+
+
+def _score_method(scorer: Any) -> str:
+    """The method the scheduler calls: `score_details` where a scorer explains its scores."""
+    return "score_details" if hasattr(scorer, "score_details") else "score"
 
 
 def _name(plugin: Any) -> str:

@@ -1,26 +1,36 @@
 """Picker: what every ext_proc stream shares — the scheduler, the request parse, metrics.
 
 Owns turning a request (path, headers, body bytes) into a `Decision` or a `RequestError`, the
-choice of a pod for body-less requests (GET /v1/models and the like: any ready pod, fewest
-in-flight first), and the outcome bookkeeping (scheduler hooks + metrics) at the end of a
-request. Streams hold no shared state of their own.
+path policy (`router.request.path_action`: only `request.routed_paths` reach a pod, the picker
+answers `/v1/models` itself from the pool, every other path is a 404 from the picker), the
+removal of router-only body fields a client sent (`clean_body`), and the outcome bookkeeping
+(scheduler hooks + metrics) at the end of a request. Streams hold no shared state of their own.
 """
 
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
+import msgspec
+
 from envoy_extproc.metrics import PickerMetrics
 from envoy_extproc.settings import ExtProcSettings
-from router.request import ChatTemplate, RequestError, parse_request
+from router.request import (
+    ChatTemplate,
+    PathAction,
+    RequestError,
+    parse_request,
+    path_action,
+    strip_router_fields,
+)
 from router.scheduler import Decision, Scheduler
 from router.tokenize_worker import TokenizeWorker
 
 log = logging.getLogger(__name__)
+_encode = msgspec.json.encode
 
 
 class Picker:
@@ -42,7 +52,6 @@ class Picker:
         self._adapters: frozenset[str] = frozenset()
         self._models: frozenset[str] = frozenset()
         self._adapters_version = -1
-        self._rng = random.Random()
 
     # ------------------------------------------------------------------ routing
     async def route(
@@ -88,17 +97,38 @@ class Picker:
                     break
         return decision
 
-    def route_bodyless(self, subset: Collection[str] | None) -> str:
-        """A pod for a request without a body: a ready pod with the fewest in-flight."""
-        pods = [p for p in self.scheduler.registry.all() if p.healthy]
-        if subset is not None:
-            allowed = set(subset)
-            pods = [p for p in pods if p.endpoint in allowed]
-        if not pods:
+    def path_action(self, method: str, path: str) -> PathAction:
+        """The path policy; raises `RequestError` (404 unknown path, 405 wrong method)."""
+        try:
+            return path_action(method, path, self.request_settings)
+        except RequestError as e:
+            self.metrics.errors.labels("-", e.code).inc()
+            self.metrics.decisions.labels("-", e.code).inc()
+            raise
+
+    def models_body(self) -> bytes:
+        """`GET /v1/models` answered by the picker: the models and adapters of ready pods
+        (503 when none is ready), so no pod endpoint but inference is ever exposed."""
+        names: set[str] = set()
+        for p in self.scheduler.registry.all():
+            if p.healthy:
+                names |= p.models | p.adapters
+        if not names:
             self.metrics.errors.labels("-", "no_pod").inc()
             raise RequestError(503, "no ready pod to serve the request", "no_pod")
-        low = min(p.inflight_requests for p in pods)
-        return self._rng.choice([p.endpoint for p in pods if p.inflight_requests == low])
+        data = [{"id": n, "object": "model", "owned_by": "kvroute"} for n in sorted(names)]
+        return _encode({"object": "list", "data": data})
+
+    def clean_body(self, decision: Decision) -> bytes | None:
+        """The body to send on when the client's held router-only fields (now removed from
+        `decision.request.body`); None when it held none and goes on unchanged."""
+        body = decision.request.body
+        stripped = strip_router_fields(body, self.request_settings.strip_fields)
+        if not stripped:
+            return None
+        for name in stripped:
+            self.metrics.stripped_fields.labels(name).inc()
+        return _encode(body)
 
     def destination(self, decision: Decision) -> str:
         """The header/metadata value: the target, or target plus fallbacks when configured."""

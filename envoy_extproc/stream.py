@@ -13,7 +13,15 @@ Request side, by the body mode Envoy announces in `protocol_config`:
   headers answer with the mutation and one pass-through answer per held chunk, in order.
 - BUFFERED (and STREAMED without early body): headers are answered at once (client routing
   headers removed); the body answer carries the mutation, `clear_route_cache` and metadata.
-- No body (headers end the stream, e.g. GET /v1/models): routed at once to a ready pod.
+- Path policy first, on the headers: only `request.routed_paths` (POST) reach a pod;
+  `GET /v1/models` is answered by the picker, any other path or method gets 404/405 (OpenAI
+  error JSON), with or without a body.
+- A body holding router-only fields (`request.strip_fields`, e.g. `kv_transfer_params`) goes
+  on without them, re-encoded: full-duplex mode streams the rewritten body back; STREAMED
+  replaces the first held chunk with it and clears the others; BUFFERED replaces the body.
+  The headers answer then sets `content-length` to the new length. Bodies without such
+  fields go on byte for byte (the check is a few dict lookups on the parse the picker does
+  anyway).
 
 Response side: headers and body chunks are answered as they come (echoed in full-duplex
 mode, empty otherwise); first-chunk time and usage are read on the side.
@@ -133,22 +141,20 @@ class ExtProcStream:
         self._path = self.headers.get(":path", "/")
         if req.HasField("metadata_context"):
             self._subset = msg.subset_hint(req)
-        if req.request_headers.end_of_stream:
-            return [self._route_bodyless()]
+        try:
+            action = self._picker.path_action(self.headers.get(":method", ""), self._path)
+            if action == "models":
+                self._routed = True
+                return [msg.immediate_response(200, self._picker.models_body(), _JSON_HEADERS)]
+            if req.request_headers.end_of_stream:
+                raise RequestError(400, "the request has no body (JSON expected)", "missing_body")
+        except RequestError as e:
+            self._routed = True
+            return [error_response(e)]
         if self._hold_headers:
             return []
         # Answer now; the body answer will carry the destination. Client routing headers go.
         return [msg.headers_response(msg.routing_mutation(None, None))]
-
-    def _route_bodyless(self) -> ProcessingResponse:
-        self._routed = True
-        try:
-            target = self._picker.route_bodyless(self._subset)
-        except RequestError as e:
-            return error_response(e)
-        return msg.headers_response(
-            msg.routing_mutation(target, None), True, msg.destination_metadata(target)
-        )
 
     async def _request_body(self, chunk: bytes, end: bool) -> list[ProcessingResponse]:
         if self._routed:  # body after an early answer (e.g. an error already sent)
@@ -192,20 +198,29 @@ class ExtProcStream:
             return [error_response(e)]
         self._decision = decision
         dest = picker.destination(decision)
-        mutation = msg.routing_mutation(dest, decision.prefill)
+        clean = picker.clean_body(decision)
+        extra = None if clean is None else {"content-length": str(len(clean))}
+        mutation = msg.routing_mutation(dest, decision.prefill, extra)
         metadata = msg.destination_metadata(dest)
         out: list[ProcessingResponse]
         if self._request_body_mode == _FULL_DUPLEX:
+            sent = body if clean is None else clean
             out = [
                 msg.headers_response(mutation, True, metadata),
-                msg.request_body_response(streamed=(body, not end_in_trailers)),
+                msg.request_body_response(streamed=(sent, not end_in_trailers)),
             ]
-        elif self._hold_headers:
-            out = [msg.headers_response(mutation, True, metadata)]
-            out += [msg.request_body_response() for _ in range(self._held_chunks)]
         else:
-            out = [msg.request_body_response(mutation, True, metadata)]
-            out += [msg.request_body_response() for _ in range(self._held_chunks - 1)]
+            # One answer per held chunk, in order: the first carries the clean body, the
+            # others are cleared; unchanged bodies pass through.
+            first = msg.request_body_response(replace=clean)
+            rest = msg.request_body_response(replace=None if clean is None else b"")
+            if self._hold_headers:
+                out = [msg.headers_response(mutation, True, metadata)]
+                if self._held_chunks:
+                    out += [first] + [rest] * (self._held_chunks - 1)
+            else:
+                out = [msg.request_body_response(mutation, True, metadata, replace=clean)]
+                out += [rest] * (self._held_chunks - 1)
         self._held_chunks = 0
         if end_in_trailers:
             out.append(msg.request_trailers_response())

@@ -10,6 +10,7 @@ line in the file.
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from collections.abc import Mapping
@@ -87,6 +88,13 @@ class PrefixIndexSettings:
     lru_capacity_per_pod: int = 31_250
     ttl_s: float | None = None
     tier_weights: tuple[float, float, float] = (1.0, 0.8, 0.5)
+    #: Precise index: each decision is recorded as pending (speculative) until the engine's KV
+    #: events confirm it. It expires `pending_ttl_s` after the prefill ran (first token; the
+    #: events are due by then, like vllm-router's and llm-d's 2 s speculative inserts) and at
+    #: the latest `pending_max_s` after the pick (a request that never reports back). None
+    #: disables pending entries.
+    pending_ttl_s: float | None = 2.0
+    pending_max_s: float = 120.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,27 +167,41 @@ _HANDLER_PARAMS = {
     },
 }
 
-#: kvroute's default profile: our best config in the simulator (see README "Scheduling").
+#: kvroute's default profile: route to the pod with the lowest predicted time to first token
+#: (`scorers/predicted_ttft.py`; README "Scheduling"). Its score keeps ratios (min/ttft), so
+#: the max-score picker takes the lowest prediction.
 DEFAULT_PLUGINS_YAML = """
 plugins:
-  - type: prefix-cache-scorer
-  - type: uncached-tokens-load-scorer
-  - type: kv-cache-utilization-scorer
-  - type: queue-scorer
+  - type: predicted-ttft-scorer
   - type: max-score-picker
 schedulingProfiles:
   - name: default
     plugins:
-      - pluginRef: prefix-cache-scorer
-        weight: 3
-      - pluginRef: uncached-tokens-load-scorer
-        weight: 2
-      - pluginRef: kv-cache-utilization-scorer
-        weight: 1
-      - pluginRef: queue-scorer
+      - pluginRef: predicted-ttft-scorer
         weight: 1
       - pluginRef: max-score-picker
 """
+
+
+def _check_tokenizer_file(path: str, source: str, line: int) -> None:
+    """Fail at load time with a line naming the file, not with a traceback at first use."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError(
+            f"{source}:{line}: blocks.tokenizer_path {path}: cannot read it ({e.strerror})"
+        ) from None
+    try:
+        doc = json.loads(data)
+    except ValueError as e:
+        raise ConfigError(
+            f"{source}:{line}: blocks.tokenizer_path {path}: not valid JSON ({e})"
+        ) from None
+    if not isinstance(doc, dict) or "model" not in doc:
+        raise ConfigError(
+            f"{source}:{line}: blocks.tokenizer_path {path}: not a tokenizer.json file "
+            "(a Hugging Face tokenizers file has a 'model' object)"
+        )
 
 
 # --------------------------------------------------------------------------- loading
@@ -250,11 +272,18 @@ def _build(doc: dict, source: str) -> RouterConfig:
         blocks = dataclasses.replace(blocks, tokenizer_path=str(base / blocks.tokenizer_path))
     if blocks.block_size <= 0 or blocks.chars_per_block <= 0:
         raise ConfigError(f"{source}: blocks sizes must be > 0")
+    if blocks.tokenizer_path:
+        line = _line_of(doc.get("blocks"), "tokenizer_path")
+        _check_tokenizer_file(blocks.tokenizer_path, source, line)
     prefix_index = ctx.dataclass(
         PrefixIndexSettings, doc.get("prefix_index"), "prefix_index", _line_of(doc, "prefix_index")
     )
     if prefix_index.mode not in ("auto", "precise", "approximate"):
-        raise ConfigError(f"{source}: prefix_index.mode must be auto, precise or approximate")
+        where = _line_of(doc.get("prefix_index"), "mode")
+        raise ConfigError(
+            f"{source}:{where}: prefix_index.mode must be auto, precise or approximate, "
+            f"not {prefix_index.mode!r}"
+        )
     request = ctx.dataclass(
         RequestSettings, doc.get("request"), "request", _line_of(doc, "request")
     )

@@ -3,7 +3,9 @@
 Loads a router config with a static fleet, seeds the default prefix index and each pod's
 metrics from a small state file ("pod X holds these prompts, has this load"), schedules one
 request without committing it, and prints the per-pod table (prefix hit, each scorer, weights,
-total, the pick and, in P/D, the prefill pick).
+total, the pick and, in P/D, the prefill pick). A scorer that explains itself (the default
+`predicted-ttft-scorer`) adds its parts: predicted TTFT = queued prefill + own prefill + decode
+interference + KV-pressure penalty, in seconds.
 """
 
 from __future__ import annotations
@@ -49,7 +51,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def seed_state(sched: Scheduler, state: dict[str, Any], model: str) -> None:
-    """Put each pod's held prompts into the default prefix index and its load into metrics."""
+    """Put each pod's held prompts into the default prefix index, its scraped load into
+    metrics and, when given, the router's own in-flight accounting (`inflight_requests`,
+    `inflight_prefill_tokens`: requests and uncached tokens this router sent and not yet
+    prefilled)."""
     index = sched.prefix_index()
     for endpoint, info in (state.get("pods") or {}).items():
         if endpoint not in sched.registry:
@@ -67,6 +72,9 @@ def seed_state(sched: Scheduler, state: dict[str, Any], model: str) -> None:
                 taken_at=0.0,
             ),
         )
+        pod = sched.registry[endpoint]
+        pod.inflight_requests = int(info.get("inflight_requests", 0))
+        pod.inflight_prefill_tokens = int(info.get("inflight_prefill_tokens", 0))
 
 
 def _weights(config: RouterConfig, profile: str) -> dict[str, float]:
@@ -76,11 +84,34 @@ def _weights(config: RouterConfig, profile: str) -> dict[str, float]:
     return {}
 
 
+#: Columns shown for a scorer's details: (key, header, format).
+_DETAIL_COLUMNS = (
+    ("predicted_ttft_s", "pred TTFT s", "{:.3f}"),
+    ("queued_prefill_s", "queued prefill s", "{:.3f}"),
+    ("own_prefill_s", "own prefill s", "{:.3f}"),
+    ("decode_interference_s", "decode s", "{:.3f}"),
+    ("kv_pressure_s", "kv penalty s", "{:.3f}"),
+)
+
+
 def render_table(decision: Decision, config: RouterConfig) -> str:
     data = decision.explain()
     weights = _weights(config, decision.profile)
     names = list(data["pods"][0]["scores"]) if data["pods"] else []
-    header = ["pod", "prefix hit", *[f"{n} (x{weights.get(n, 1):g})" for n in names], "total"]
+    detailed = [n for n in names if n in (data["pods"][0].get("details") or {})]
+    columns = [
+        (n, key, head, fmt)
+        for n in detailed
+        for key, head, fmt in _DETAIL_COLUMNS
+        if key in data["pods"][0]["details"][n]
+    ]
+    header = [
+        "pod",
+        "prefix hit",
+        *[f"{n} (x{weights.get(n, 1):g})" for n in names],
+        *[head for _, _, head, _ in columns],
+        "total",
+    ]
     rows = []
     for pod in sorted(data["pods"], key=lambda p: -p["total"]):
         mark = " <- pick" if pod["endpoint"] == decision.target else ""
@@ -91,6 +122,7 @@ def render_table(decision: Decision, config: RouterConfig) -> str:
                 pod["endpoint"],
                 f"{pod['prefix_hit']:.0%}",
                 *[f"{pod['scores'][n]:.3f}" for n in names],
+                *[fmt.format(pod["details"][n][key]) for n, key, _, fmt in columns],
                 f"{pod['total']:.3f}{mark}",
             ]
         )

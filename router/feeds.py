@@ -7,6 +7,18 @@ events are on when the config has an `events` section or a pod names a `kv_event
 (connect mode unless the section says bind), and only in token block mode (keys of text prompts
 in chars mode never equal the token keys of events; the approximate index is used instead, with
 a warning). Nothing here routes or forwards.
+
+It also keeps the precise index honest about engines that went away or went quiet:
+- a pod that turns unhealthy (failed scrapes, ejected by a face) has its blocks cleared — it
+  may come back as a restarted engine with an empty cache at the same address; so does a pod
+  whose `/metrics` process start time changes (unless batches of the new engine already
+  arrived, which the subscriber's sequence check has handled). A sequence going back and
+  `AllBlocksCleared` are handled in `router.events`.
+- a pod whose engine computed blocks (its prefix-cache counters grew) while no KV-event batch
+  arrived for `events.silent_after_s` is "silent": one warning, `silent` in `feed_report`
+  and the `kvroute_kv_events_feed_silent` gauge, until a batch arrives again. The precise
+  index keeps the pod's last known blocks meanwhile (the scheduler's own picks are not
+  substituted for it: that fallback lives in the scheduler, which this module does not own).
 """
 
 from __future__ import annotations
@@ -14,8 +26,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from prometheus_client.core import GaugeMetricFamily
 
 from router.config import RouterConfig
 from router.discovery.kubernetes import KubernetesDiscovery, KubernetesDiscoverySettings
@@ -28,6 +45,9 @@ from router.pods import PodRegistry
 from router.scrape import MetricsScraper
 
 log = logging.getLogger(__name__)
+
+#: After a batch, the engine's counters are re-read from a scrape this much later.
+_REBASE_AFTER_S = 1.0
 
 
 class FleetFeeds:
@@ -78,6 +98,11 @@ class FleetFeeds:
                 self.registry, StaticDiscoverySettings(path=str(config_path))
             )
         self._sync_task: asyncio.Task[None] | None = None
+        self._watch_task: asyncio.Task[None] | None = None
+        self._silence: dict[str, _Silence] = {}
+        if self.subscriber is not None:
+            self.registry.on_health_change(self._health_changed)
+            self.scraper.on_restart(self._engine_restarted)
 
     async def start(self) -> None:
         if self.discovery is not None:
@@ -89,15 +114,17 @@ class FleetFeeds:
             await self.subscriber.start()
             self._sync_kv_pods()
             self._sync_task = asyncio.create_task(self._follow_registry(), name="kv-pod-sync")
+            self._watch_task = asyncio.create_task(self._watch_silence(), name="kv-silence")
         await self.scraper.scrape_once()
         await self.scraper.start()
 
     async def stop(self) -> None:
-        if self._sync_task is not None:
-            self._sync_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sync_task
-            self._sync_task = None
+        for task in (self._sync_task, self._watch_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._sync_task = self._watch_task = None
         await self.scraper.stop()
         if self.discovery is not None:
             await self.discovery.stop()
@@ -124,6 +151,131 @@ class FleetFeeds:
                 seen = self.registry.version
                 self._sync_kv_pods()
 
+    # ---------------------------------------------------------------- stale and silent pods
+    def _health_changed(self, endpoint: str, healthy: bool) -> None:
+        if healthy or self.subscriber is None or endpoint not in self.registry:
+            return
+        self.subscriber.stats.pods_cleared += 1
+        self.subscriber.pod_restarted(endpoint, "pod unhealthy; it may return as an empty engine")
+
+    def _engine_restarted(self, endpoint: str, reason: str) -> None:
+        sub = self.subscriber
+        pod = self.registry.get(endpoint)
+        if sub is None or pod is None:
+            return
+        started = pod.metrics.process_start_time
+        heard = sub.feed_state(endpoint).last_event_wall
+        if started is not None and heard is not None and heard >= started:
+            return  # batches of the new engine arrived already: the index is its own
+        sub.stats.pods_cleared += 1
+        sub.pod_restarted(endpoint, reason)
+
+    async def _watch_silence(self) -> None:
+        interval = min(1.0, self.subscriber.settings.silent_after_s / 4) if self.subscriber else 1
+        while True:
+            await asyncio.sleep(interval)
+            self.check_silence(time.monotonic())
+
+    def check_silence(self, now: float) -> None:
+        """Mark pods silent (or no longer silent); see the module docstring."""
+        sub = self.subscriber
+        if sub is None:
+            return
+        settings = sub.settings
+        due_tokens = settings.silent_after_blocks * self.config.blocks.block_size
+        for pod in self.registry:
+            m = pod.metrics
+            if m.prefix_cache_queries is None or m.prefix_cache_hits is None:
+                continue  # the page does not say what the engine computed
+            computed = m.prefix_cache_queries - m.prefix_cache_hits
+            feed = sub.feed_state(pod.endpoint)
+            tr = self._silence.get(pod.endpoint)
+            if tr is None or computed < tr.computed:  # first look, or the engine restarted
+                self._silence[pod.endpoint] = _Silence(computed, feed.batches)
+                continue
+            if feed.batches != tr.batches:
+                if tr.silent:
+                    log.info("kv events: pod %s feed resumed (seq %s)", pod.endpoint, feed.last_seq)
+                tr.batches, tr.silent, tr.due_since = feed.batches, False, None
+                # Count from a scrape taken after this batch (and the work behind it) settled:
+                # a scrape older than the batch would not show the tokens it announced.
+                tr.rebase_at = (feed.last_event_at or now) + _REBASE_AFTER_S
+                continue
+            if tr.rebase_at is not None:
+                if m.taken_at is not None and m.taken_at >= tr.rebase_at:
+                    tr.computed, tr.rebase_at = computed, None
+                continue
+            if tr.silent or computed - tr.computed < due_tokens:
+                continue
+            if tr.due_since is None:
+                tr.due_since = now
+            elif now - tr.due_since >= settings.silent_after_s:
+                tr.silent = True
+                sub.stats.silent_feeds += 1
+                age = None if feed.last_event_at is None else now - feed.last_event_at
+                log.warning(
+                    "kv events: pod %s feed is silent: its engine computed %d tokens and no "
+                    "batch arrived for %s (last seq %s); its precise index entries are stale",
+                    pod.endpoint,
+                    computed - tr.computed,
+                    "ever" if age is None else f"{age:.1f} s",
+                    feed.last_seq,
+                )
+
+    def feed_report(self, endpoint: str, now: float | None = None) -> dict[str, Any] | None:
+        """The pod's KV-event feed for `/debug/pods` (None when events are off)."""
+        sub = self.subscriber
+        if sub is None:
+            return None
+        now = time.monotonic() if now is None else now
+        feed = sub.feed_state(endpoint)
+        tr = self._silence.get(endpoint)
+        age = None if feed.last_event_at is None else round(now - feed.last_event_at, 3)
+        return {
+            "mode": sub.settings.mode,
+            "connected": feed.connected,
+            "last_event_age_s": age,
+            "last_seq": feed.last_seq,
+            "batches": feed.batches,
+            "silent": bool(tr and tr.silent),
+            "rebuilding": endpoint in sub.ingester.rebuilding_pods(),
+        }
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        """prometheus_client collector of the per-pod feed gauges (register it on a face's
+        registry): last batch age, silent, connected, last sequence."""
+        if self.subscriber is None:
+            return
+        now = time.monotonic()
+        age = GaugeMetricFamily(
+            "kvroute_kv_events_last_event_age_seconds",
+            "Seconds since the pod's last live KV-event batch (absent before the first).",
+            labels=["pod"],
+        )
+        silent = GaugeMetricFamily(
+            "kvroute_kv_events_feed_silent",
+            "1 while the pod's engine computes blocks and no KV-event batch arrives.",
+            labels=["pod"],
+        )
+        connected = GaugeMetricFamily(
+            "kvroute_kv_events_connected",
+            "Connect mode: 1 while the TCP connection to the pod's PUB socket is up.",
+            labels=["pod"],
+        )
+        seq = GaugeMetricFamily(
+            "kvroute_kv_events_last_seq", "Sequence number of the pod's last batch.", labels=["pod"]
+        )
+        for pod in self.registry:
+            report = self.feed_report(pod.endpoint, now)
+            assert report is not None
+            if report["last_event_age_s"] is not None:
+                age.add_metric([pod.endpoint], report["last_event_age_s"])
+                seq.add_metric([pod.endpoint], report["last_seq"])
+            silent.add_metric([pod.endpoint], 1.0 if report["silent"] else 0.0)
+            if report["connected"] is not None:
+                connected.add_metric([pod.endpoint], 1.0 if report["connected"] else 0.0)
+        yield from (age, silent, connected, seq)
+
     def stats(self) -> dict[str, dict[str, Any]]:
         """Counters of every feed, by feed, as plain data (for metrics and debug pages)."""
         out: dict[str, dict[str, Any]] = {"scrapes": _as_dict(self.scraper.stats)}
@@ -132,6 +284,18 @@ class FleetFeeds:
         if self.discovery is not None:
             out["discovery"] = _as_dict(self.discovery.stats)
         return out
+
+
+@dataclass(slots=True)
+class _Silence:
+    """Per pod: the engine's computed tokens and our batch count when we last heard it."""
+
+    computed: float
+    batches: int
+    due_since: float | None = None
+    silent: bool = False
+    #: Take `computed` again from the first scrape at or after this time (after a batch).
+    rebase_at: float | None = None
 
 
 def _as_dict(stats: Any) -> dict[str, Any]:

@@ -13,12 +13,23 @@ Layout, chosen for memory and for a cheap longest-prefix walk:
 
 Bounded mode (capacity/TTL) is meant for the approximate index, which has no engine hashes.
 
+Pending entries (the precise index's speculative inserts): a routing decision is recorded as
+`add_pending(pod, keys, expires_at)` the moment it is made, because the prefill it causes is
+invisible to KV events until it ran — a burst would otherwise scatter a group across pods. A
+pending entry counts as held (GPU tier) in `longest_prefix`, and nowhere else (`holders`,
+`pod_block_count`, `__len__` report confirmed blocks only). It leaves when the engine's own
+`BlockStored` for that pod and key arrives (`add_blocks` confirms it), when the decision is
+released (`release_pending`: the request failed) or when its expiry passes (`expire_pending`).
+Each pod counts, per key, how many live decisions hold it pending (`_PodBlocks.pending`), so two
+decisions sharing a prefix keep it pending until both are gone.
+
 `longest_prefix` walks the request's key chain AND-ing masks and stops as soon as no pod still
 matches, so it costs O(matched blocks + pods that drop out), never O(index).
 """
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -51,6 +62,21 @@ class _PodBlocks:
     slot: int
     keys: dict[int, float] = field(default_factory=dict)
     engine: dict[Hashable, int] = field(default_factory=dict)
+    #: Pending (speculative) keys → how many live `PendingEntry`s hold them.
+    pending: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass(slots=True, eq=False)
+class PendingEntry:
+    """One decision's speculative insert: `keys` on `pod` until `expires_at`."""
+
+    pod: str
+    keys: tuple[int, ...]
+    expires_at: float
+    live: bool = True
+    #: The pod's block set when the entry was made (a pod that left and came back under the
+    #: same endpoint has a new one, which an old entry must not touch).
+    _owner: _PodBlocks | None = field(default=None, repr=False)
 
 
 class BlockIndex:
@@ -70,6 +96,10 @@ class BlockIndex:
         self._pods: dict[str, _PodBlocks] = {}
         self._slot_pod: list[str | None] = []
         self._free_slots: list[int] = []
+        #: key → bitmask of pods holding it pending (never also set for a confirmed holder).
+        self._pending: dict[int, int] = {}
+        self._pending_heap: list[tuple[float, int, PendingEntry]] = []
+        self._pending_seq = 0
 
     # ----------------------------------------------------------------- pods
     def _pod(self, pod: str) -> _PodBlocks:
@@ -124,6 +154,8 @@ class BlockIndex:
         lower = self._lower_tier
         gpu = tier == Tier.GPU
         slot = pb.slot
+        if pb.pending:
+            self._confirm(pb, keys)
         for key in reversed(keys):
             if key in pkeys:  # held already: its bit is set, only its LRU place moves
                 del pkeys[key]
@@ -142,6 +174,106 @@ class BlockIndex:
                 oldest = [k for k, _ in zip(pkeys, range(excess), strict=False)]
                 for key in oldest:
                     self._unlink(pb, key)
+
+    # -------------------------------------------------------------- pending
+    def add_pending(self, pod: str, keys: Sequence[int], expires_at: float) -> PendingEntry | None:
+        """Record that `pod` will hold `keys` once a routed prefill runs (a speculative insert).
+
+        Keys the pod holds confirmed already are skipped; None when nothing was left to add.
+        """
+        pb = self._pod(pod)
+        pkeys = pb.keys
+        todo = tuple(k for k in keys if k not in pkeys)
+        if not todo:
+            return None
+        bit = 1 << pb.slot
+        refs = pb.pending
+        pending = self._pending
+        for key in todo:
+            n = refs.get(key, 0)
+            if not n:
+                pending[key] = pending.get(key, 0) | bit
+            refs[key] = n + 1
+        entry = PendingEntry(pod, todo, expires_at, _owner=pb)
+        self._push_pending(entry)
+        return entry
+
+    def set_pending_expiry(self, entry: PendingEntry, expires_at: float) -> None:
+        """Move `entry`'s expiry (e.g. shorten it once the prefill ran and events are due)."""
+        if not entry.live or expires_at == entry.expires_at:
+            return
+        earlier = expires_at < entry.expires_at
+        entry.expires_at = expires_at
+        if earlier:  # the heap holds the later time; a later one is re-pushed when popped
+            self._push_pending(entry)
+
+    def release_pending(self, entry: PendingEntry) -> bool:
+        """Drop `entry`'s keys that no other live entry holds pending (and no event confirmed).
+
+        False when the entry was released already or its pod left meanwhile."""
+        if not entry.live:
+            return False
+        entry.live = False
+        pb = self._pods.get(entry.pod)
+        if pb is None or pb is not entry._owner:
+            return False
+        refs = pb.pending
+        pending = self._pending
+        clear = ~(1 << pb.slot)
+        for key in entry.keys:
+            n = refs.get(key)
+            if n is None:
+                continue  # confirmed by an event meanwhile
+            if n > 1:
+                refs[key] = n - 1
+                continue
+            del refs[key]
+            m = pending.get(key, 0) & clear
+            if m:
+                pending[key] = m
+            else:
+                pending.pop(key, None)
+        return True
+
+    def expire_pending(self, now: float) -> int:
+        """Release the entries whose expiry is at or before `now`; returns how many."""
+        heap = self._pending_heap
+        n = 0
+        while heap and heap[0][0] <= now:
+            at, _, entry = heapq.heappop(heap)
+            if not entry.live or at != entry.expires_at:
+                if entry.live and entry.expires_at > at:
+                    self._push_pending(entry)  # extended meanwhile
+                continue
+            n += self.release_pending(entry)
+        return n
+
+    def pending_count(self, pod: str | None = None) -> int:
+        """Pending (pod, key) entries, of one pod or of all."""
+        if pod is not None:
+            pb = self._pods.get(pod)
+            return len(pb.pending) if pb else 0
+        return sum(len(pb.pending) for pb in self._pods.values())
+
+    def _push_pending(self, entry: PendingEntry) -> None:
+        self._pending_seq += 1
+        heapq.heappush(self._pending_heap, (entry.expires_at, self._pending_seq, entry))
+
+    def _confirm(self, pb: _PodBlocks, keys: Iterable[int]) -> None:
+        """Events confirmed `keys` on the pod: they stop being pending there."""
+        refs = pb.pending
+        pending = self._pending
+        clear = ~(1 << pb.slot)
+        for key in keys:
+            if refs.pop(key, None) is not None:
+                m = pending.get(key, 0) & clear
+                if m:
+                    pending[key] = m
+                else:
+                    pending.pop(key, None)
+
+    def _clear_pending_of(self, pb: _PodBlocks) -> None:
+        self._confirm(pb, list(pb.pending))
 
     def touch(self, pod: str, keys: Sequence[int], now: float) -> None:
         """Mark keys the pod holds as recently used (last-to-first, as `add_blocks`)."""
@@ -207,6 +339,7 @@ class BlockIndex:
         if pb is None:
             return
         self.clear_pod(pod)
+        self._clear_pending_of(pb)
         del self._pods[pod]
         self._slot_pod[pb.slot] = None
         self._free_slots.append(pb.slot)
@@ -272,6 +405,8 @@ class BlockIndex:
         result: dict[str, float] = {}
         if not keys:
             return result
+        if self._pending:
+            return self._longest_prefix_pending(keys)
         alive = holders.get(keys[0], 0)
         if not alive:
             return result
@@ -331,4 +466,42 @@ class BlockIndex:
             if pod is not None:
                 result[pod] = float(i)
             alive ^= low
+        return result
+
+    def _longest_prefix_pending(self, keys: Sequence[int]) -> dict[str, float]:
+        """`longest_prefix` while pending entries exist: a block is held when a pod holds it
+        confirmed or pending; pending blocks weigh as GPU blocks (that is where the prefill
+        will put them). Lower-tier weights apply to confirmed lower-tier blocks as usual."""
+        get = self._holders.get
+        pget = self._pending.get
+        lower = self._lower_tier
+        w = self.tier_weights
+        slot_pod = self._slot_pod
+        result: dict[str, float] = {}
+        alive = get(keys[0], 0) | pget(keys[0], 0)
+        deficit: dict[int, float] = {}
+        i = 0
+        n = len(keys)
+        while alive:
+            if lower:
+                tiers = lower.get(keys[i])
+                if tiers:
+                    for slot, tier in tiers.items():
+                        if alive >> slot & 1:
+                            deficit[slot] = deficit.get(slot, 0.0) + (1.0 - w[tier])
+            i += 1
+            if i < n:
+                key = keys[i]
+                nxt = alive & (get(key, 0) | pget(key, 0))
+            else:
+                nxt = 0
+            dropped = alive & ~nxt
+            while dropped:
+                low = dropped & -dropped
+                slot = low.bit_length() - 1
+                pod = slot_pod[slot]
+                if pod is not None:
+                    result[pod] = i - deficit.get(slot, 0.0)
+                dropped ^= low
+            alive = nxt
         return result

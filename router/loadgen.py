@@ -17,6 +17,12 @@ BPE-like tokenizer), so equal token prefixes give equal text prefixes.
 Pacing: closed loop (`--concurrency N`: N requests outstanding) or open loop (`--rate R`: the
 workload's Poisson arrival times at R requests/s). Either way a session's turn waits for the
 previous turn's answer (plus its think time in the closed loop).
+
+Pacing error, measured so a benchmark can tell whether the client kept up: each request's send
+lag (sent − when it was due: its scheduled time, or its previous turn's answer plus think time,
+whichever is later; in the closed loop also when a worker took it up), and the event loop's own
+lag, sampled every `LOOP_PROBE_S` by a thread that posts a callback to the loop and times how
+late it runs against the probe's schedule (what a response chunk or a timer waits too).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import asyncio
 import contextlib
 import json
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +47,10 @@ _CONSONANTS = "bdfgklmnprstvz"
 _VOWELS = "aeiou"
 #: 4-letter pseudo-words: token id t ↦ _WORDS[t % len(_WORDS)].
 _WORDS = [a + b + c + d for a in _CONSONANTS for b in _VOWELS for c in _CONSONANTS for d in _VOWELS]
+
+
+#: Interval of the event-loop lag probe (seconds).
+LOOP_PROBE_S = 0.005
 
 
 def tokens_to_text(token_ids: np.ndarray | list[int]) -> str:
@@ -58,6 +69,12 @@ class RequestResult:
     output_tokens: int = 0
     prompt_tokens: int | None = None
     error: str | None = None
+    #: perf_counter() when the request was due to be sent (see the module docstring).
+    due_at: float | None = None
+
+    @property
+    def send_lag_s(self) -> float | None:
+        return None if self.due_at is None else max(0.0, self.sent_at - self.due_at)
 
     @property
     def tpot_s(self) -> float | None:
@@ -86,6 +103,8 @@ class LoadSettings:
 class LoadReport:
     results: list[RequestResult]
     wall_s: float
+    #: Event-loop lag samples (seconds) over the run.
+    loop_lags: list[float] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         ok = [r for r in self.results if r.ok]
@@ -96,6 +115,12 @@ class LoadReport:
 
         def pct(a: np.ndarray, q: float) -> float | None:
             return round(float(np.percentile(a, q)), 6) if len(a) else None
+
+        send_lag = np.array([x for r in self.results if (x := r.send_lag_s) is not None])
+        loop_lag = np.array(self.loop_lags)
+
+        def ms(a: np.ndarray, q: float) -> float | None:
+            return round(float(np.percentile(a, q)) * 1000, 3) if len(a) else None
 
         return {
             "requests": len(self.results),
@@ -110,6 +135,10 @@ class LoadReport:
             "output_tokens": out_tokens,
             "output_tokens_per_s": round(out_tokens / self.wall_s, 2) if self.wall_s else 0.0,
             "errors": _error_kinds(self.results),
+            "send_lag_p50_ms": ms(send_lag, 50),
+            "send_lag_p99_ms": ms(send_lag, 99),
+            "loop_lag_p50_ms": ms(loop_lag, 50),
+            "loop_lag_p99_ms": ms(loop_lag, 99),
         }
 
 
@@ -139,13 +168,17 @@ class LoadGenerator:
         async with httpx.AsyncClient(
             base_url=s.base_url, timeout=s.timeout_s, limits=limits, headers=s.headers
         ) as client:
+            probe = LoopLagProbe(asyncio.get_running_loop())
             start = time.perf_counter()
-            if s.rate is not None:
-                await self._open_loop(client, start)
-            else:
-                await self._closed_loop(client, s.concurrency or 1)
+            try:
+                if s.rate is not None:
+                    await self._open_loop(client, start)
+                else:
+                    await self._closed_loop(client, s.concurrency or 1)
+            finally:
+                lags = probe.stop()
             wall = time.perf_counter() - start
-        return LoadReport([r for r in self.results if r is not None], wall)
+        return LoadReport([r for r in self.results if r is not None], wall, lags)
 
     async def _closed_loop(self, client: httpx.AsyncClient, concurrency: int) -> None:
         queue: asyncio.Queue[Arrival] = asyncio.Queue()
@@ -155,8 +188,10 @@ class LoadGenerator:
         async def worker() -> None:
             while not queue.empty():
                 a = queue.get_nowait()
-                await self._after_prev(a, self.settings.think_scale * a.think_s)
-                await self._one(client, a)
+                due = await self._after_prev(
+                    a, self.settings.think_scale * a.think_s, time.perf_counter()
+                )
+                await self._one(client, a, due)
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
 
@@ -167,18 +202,22 @@ class LoadGenerator:
         scale = (len(self.arrivals) / self.settings.rate) / total if total > 0 else 0.0
 
         async def launch(a: Arrival) -> None:
-            await asyncio.sleep(max(0.0, start + a.time_s * scale - time.perf_counter()))
-            await self._after_prev(a, 0.0)
-            await self._one(client, a)
+            due = start + a.time_s * scale
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            due = await self._after_prev(a, 0.0, due)
+            await self._one(client, a, due)
 
         await asyncio.gather(*(launch(a) for a in self.arrivals))
 
-    async def _after_prev(self, a: Arrival, think_s: float) -> None:
+    async def _after_prev(self, a: Arrival, think_s: float, due: float) -> float:
+        """Wait for the previous turn's answer (and think time); the time `a` is due then."""
         if a.prev >= 0:
             await self._done[a.prev].wait()
-            wait = self._finished_at[a.prev] + think_s - time.perf_counter()
+            due = max(due, self._finished_at[a.prev] + think_s)
+            wait = due - time.perf_counter()
             if wait > 0:
                 await asyncio.sleep(wait)
+        return due
 
     # ---------------------------------------------------------------- one request
     def _body(self, a: Arrival) -> tuple[str, dict[str, Any]]:
@@ -207,10 +246,10 @@ class LoadGenerator:
             messages = [{"role": "user", "content": tokens_to_text(a.token_ids)}]
         return "/v1/chat/completions", {**common, "messages": messages, "user": a.session}
 
-    async def _one(self, client: httpx.AsyncClient, a: Arrival) -> None:
+    async def _one(self, client: httpx.AsyncClient, a: Arrival, due: float | None = None) -> None:
         path, body = self._body(a)
         sent = time.perf_counter()
-        result = RequestResult(a.index, False, 0, sent)
+        result = RequestResult(a.index, False, 0, sent, due_at=due)
         text: list[str] = []
         chunks = 0
         try:
@@ -251,6 +290,44 @@ class LoadGenerator:
                 self._history.pop(a.prev, None)
         self._finished_at[a.index] = time.perf_counter()
         self._done[a.index].set()
+
+
+class LoopLagProbe:
+    """Samples how late an asyncio loop runs a callback posted from another thread.
+
+    Every `interval_s` the probe thread posts a callback; its lag is the time it ran minus the
+    time it was meant to be posted (the probe's own schedule, so a thread woken late, or kept
+    from the GIL by the busy loop, counts against the loop too). `stop()` returns the samples.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, interval_s: float = LOOP_PROBE_S) -> None:
+        self._loop = loop
+        self._interval = interval_s
+        self._stop = threading.Event()
+        self.samples: list[float] = []
+        self._thread = threading.Thread(target=self._run, name="loop-lag-probe", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        due = time.perf_counter() + self._interval
+        while not self._stop.is_set():
+            wait = due - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
+            try:
+                self._loop.call_soon_threadsafe(self._ran, due)
+            except RuntimeError:  # the loop closed
+                return
+            # The next probe on schedule; one that would already be late skips ahead.
+            due = max(due + self._interval, time.perf_counter())
+
+    def _ran(self, due: float) -> None:
+        self.samples.append(time.perf_counter() - due)
+
+    def stop(self) -> list[float]:
+        self._stop.set()
+        self._thread.join(timeout=1.0)
+        return list(self.samples)
 
 
 def _content(event: dict[str, Any]) -> str:

@@ -29,6 +29,12 @@ class MetricsSnapshot:
     running_adapters: frozenset[str] = frozenset()
     waiting_adapters: frozenset[str] = frozenset()
     block_size: int | None = None
+    #: `process_start_time_seconds` of the engine (wall clock); a change means it restarted.
+    process_start_time: float | None = None
+    #: vLLM's `prefix_cache_queries_total` / `prefix_cache_hits_total` (tokens), summed over
+    #: engines; None when the page has none.
+    prefix_cache_queries: float | None = None
+    prefix_cache_hits: float | None = None
     taken_at: float | None = None
     stale: bool = False
 
@@ -68,11 +74,17 @@ class PodRegistry:
     def __init__(self) -> None:
         self._pods: dict[str, Pod] = {}
         self._on_remove: list[Callable[[str], None]] = []
+        self._on_health: list[Callable[[str, bool], None]] = []
         self.version = 0
 
     def on_remove(self, callback: Callable[[str], None]) -> None:
         """Call `callback(endpoint)` whenever a pod leaves (e.g. `BlockIndex.drop_pod`)."""
         self._on_remove.append(callback)
+
+    def on_health_change(self, callback: Callable[[str, bool], None]) -> None:
+        """Call `callback(endpoint, healthy)` whenever a pod's health flips (e.g. to forget
+        the blocks of a pod that went down: it may come back as a restarted, empty engine)."""
+        self._on_health.append(callback)
 
     def upsert(self, pod: Pod) -> Pod:
         """Add a pod or update its identity fields, keeping the in-flight state of a known one."""
@@ -131,8 +143,10 @@ class PodRegistry:
 
     def set_health(self, endpoint: str, healthy: bool) -> None:
         pod = self._pods.get(endpoint)
-        if pod is not None:
+        if pod is not None and pod.healthy != healthy:
             pod.healthy = healthy
+            for cb in self._on_health:
+                cb(endpoint, healthy)
 
     def set_metrics(self, endpoint: str, snapshot: MetricsSnapshot) -> None:
         pod = self._pods.get(endpoint)

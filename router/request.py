@@ -35,6 +35,10 @@ from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 RequestKind = Literal["completions", "chat", "other"]
+#: Answered by the router itself (the union of the pods' models), never sent to a pod.
+MODELS_PATH = "/v1/models"
+#: What the path policy says: route to a pod, or answer the model list.
+PathAction = Literal["route", "models"]
 
 
 class RequestError(Exception):
@@ -108,6 +112,25 @@ class RequestSettings:
     #: "sheddable" → -1, "standard" → 0, "critical" → 1, or an integer.
     priority_header: str = "x-kvroute-priority"
     request_id_header: str = "x-request-id"
+    #: The only paths a face sends to pods (exact match, query string ignored, POST). The
+    #: router answers `GET /v1/models` itself and every other path with 404.
+    routed_paths: tuple[str, ...] = ("/v1/completions", "/v1/chat/completions")
+    #: Body fields only the router or the sidecar may set (they steer traffic inside the
+    #: fleet); faces remove them from client bodies. A name also matches the same entry of
+    #: `vllm_xargs` (vLLM merges both into one set of request arguments); "a.b" names key b
+    #: of object a.
+    strip_fields: tuple[str, ...] = ("kv_transfer_params",)
+
+    def __post_init__(self) -> None:
+        for p in self.routed_paths:
+            if not p.startswith("/") or "?" in p or p == MODELS_PATH:
+                raise ValueError(
+                    f"request.routed_paths: {p!r} must be a path starting with '/', without a "
+                    f"query, and not {MODELS_PATH} (the router answers that one)"
+                )
+        for name in self.strip_fields:
+            if not name or any(not part for part in name.split(".")):
+                raise ValueError(f"request.strip_fields: {name!r} is not a field name")
 
 
 _DEFAULT_SETTINGS = RequestSettings()
@@ -385,6 +408,57 @@ def render_plain(
     return "".join(segments), tuple(segments)
 
 
+# --------------------------------------------------------------------------------- policy
+def path_action(
+    method: str, path: str, settings: RequestSettings = _DEFAULT_SETTINGS
+) -> PathAction:
+    """The path policy every face applies before anything reaches a pod.
+
+    `POST` on one of `settings.routed_paths` → "route"; `GET`/`HEAD /v1/models` → "models"
+    (the router answers). Raises `RequestError` 405 for another method on those paths and 404
+    for every other path, so a client cannot reach a pod's metrics, admin or fault endpoints.
+    """
+    p = path.split("?", 1)[0]
+    if p in settings.routed_paths:
+        if method != "POST":
+            raise RequestError(405, f"{p} accepts POST only, not {method}", "method_not_allowed")
+        return "route"
+    if p == MODELS_PATH:
+        if method not in ("GET", "HEAD"):
+            raise RequestError(405, f"{p} accepts GET only, not {method}", "method_not_allowed")
+        return "models"
+    known = ", ".join([*settings.routed_paths, MODELS_PATH])
+    raise RequestError(404, f"no route for path '{p}' (served: {known})", "unknown_path")
+
+
+def strip_router_fields(body: dict[str, Any], names: Sequence[str]) -> list[str]:
+    """Remove the router-only fields `names` from a client body, in place; return what was
+    removed (dotted names, e.g. "vllm_xargs.kv_transfer_params"), empty when nothing was.
+
+    Costs a few dict lookups when the body holds none of them, so faces call it on every
+    request and re-encode the body only when it returns something.
+    """
+    removed: list[str] = []
+    xargs = body.get("vllm_xargs")
+    for name in names:
+        if "." in name:
+            *parents, leaf = name.split(".")
+            node: Any = body
+            for part in parents:
+                node = node.get(part) if isinstance(node, dict) else None
+            if isinstance(node, dict) and leaf in node:
+                del node[leaf]
+                removed.append(name)
+            continue
+        if name in body:
+            del body[name]
+            removed.append(name)
+        if isinstance(xargs, dict) and name in xargs:
+            del xargs[name]
+            removed.append(f"vllm_xargs.{name}")
+    return removed
+
+
 # --------------------------------------------------------------------------------- parsing
 def parse_request(
     raw: bytes | str | dict[str, Any],
@@ -401,7 +475,7 @@ def parse_request(
     (/v1)/chat/completions, 413 for a body over `settings.max_body_bytes`, 400 for bad JSON
     or a missing or ill-typed field (the message names the field).
     """
-    kind = _kind_of_path(path)
+    kind = _kind_of_path(path, settings.routed_paths)
     body = _decode_body(raw, settings.max_body_bytes)
     hdrs = {k.lower(): v for k, v in headers.items()} if headers else {}
 
@@ -418,8 +492,12 @@ def parse_request(
         max_tokens = _opt_count(body, "max_completion_tokens")
         if max_tokens is None:
             max_tokens = _opt_count(body, "max_tokens")
-    else:
+    elif kind == "completions":
         prompt, token_ids, batch_size = _completion_prompt(body)
+        segments = (prompt,) if prompt else ()
+        max_tokens = _opt_count(body, "max_tokens")
+    else:  # a path the config routes too (e.g. /v1/embeddings): route on `input` if usable
+        prompt, token_ids, batch_size = _other_prompt(body)
         segments = (prompt,) if prompt else ()
         max_tokens = _opt_count(body, "max_tokens")
 
@@ -455,15 +533,30 @@ def parse_request(
     )
 
 
-def _kind_of_path(path: str) -> RequestKind:
-    p = path.split("?", 1)[0].strip("/")
+def _kind_of_path(path: str, routed: Sequence[str] = ()) -> RequestKind:
+    full = path.split("?", 1)[0]
+    p = full.strip("/")
     if p.startswith("v1/"):
         p = p[3:]
     if p == "completions":
         return "completions"
     if p == "chat/completions":
         return "chat"
+    if full in routed:
+        return "other"
     raise RequestError(404, f"no route for path '{path}'", code="unknown_path")
+
+
+def _other_prompt(body: dict[str, Any]) -> tuple[str, list[int] | None, int]:
+    """The prompt of a body on an extra routed path: its `input` (embeddings) or `prompt`
+    when that has a completions prompt's shape, else none (load-only routing)."""
+    value = body.get("input", body.get("prompt"))
+    if value is None:
+        return "", None, 1
+    try:
+        return _completion_prompt({"prompt": value})
+    except RequestError:
+        return "", None, 1
 
 
 def _decode_body(raw: bytes | str | dict[str, Any], limit: int) -> dict[str, Any]:

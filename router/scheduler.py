@@ -8,6 +8,16 @@ caller gives none (the simulator passes virtual time).
 
 Faces call `schedule()` and then, as the request proceeds, `on_pick`, `on_first_token`,
 `on_complete` and `on_failure`; plugins that learn see only those hooks.
+
+The precise (KV-event) index cannot see a prefill that is queued or running: its blocks are
+announced only when computed. So `on_pick` records each decision there as pending (see
+`router.index`) when a plugin reads that index; the engine's `BlockStored` confirms it, and
+the pending entry expires `prefix_index.pending_ttl_s` after the prefill ran, or
+`pending_max_s` after the pick, or goes at once when the request fails.
+
+A scorer may offer `score_details(ctx, pods) -> (scores, details)`, one dict of named figures
+per pod (e.g. a predicted TTFT and its parts); the profile then calls it instead of `score`
+and the decision carries the details into its explanation.
 """
 
 from __future__ import annotations
@@ -20,7 +30,7 @@ from typing import Any
 
 from router.blocks import BlockKeyer, estimate_tokens
 from router.config import RouterConfig
-from router.index import BlockIndex
+from router.index import BlockIndex, PendingEntry
 from router.pods import Pod, PodRegistry
 from router.request import RequestError, RoutingRequest
 from scorers.base import (
@@ -44,6 +54,8 @@ class PodScore:
     prefix_hit: float
     scores: dict[str, float]
     total: float
+    #: Scorer name → named figures behind its score (only scorers with `score_details`).
+    details: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -71,6 +83,7 @@ class Decision:
     #: Scheduling time in seconds (for metrics).
     elapsed_s: float = 0.0
     _charged: list[tuple[str, int]] = field(default_factory=list)
+    _pending: list[PendingEntry] = field(default_factory=list)
     _done: bool = False
 
     @property
@@ -80,15 +93,20 @@ class Decision:
     def explain(self) -> dict[str, Any]:
         """The decision as plain JSON data (the `kvroute explain --json` shape)."""
         main = self.results.get(self.profile)
-        pods = [
-            {
+        pods = []
+        for s in main.pods if main else []:
+            pod: dict[str, Any] = {
                 "endpoint": s.endpoint,
                 "prefix_hit": round(s.prefix_hit, 6),
                 "scores": {k: round(v, 6) for k, v in s.scores.items()},
                 "total": round(s.total, 6),
             }
-            for s in (main.pods if main else [])
-        ]
+            if s.details:
+                pod["details"] = {
+                    name: {k: round(v, 6) for k, v in parts.items()}
+                    for name, parts in s.details.items()
+                }
+            pods.append(pod)
         out: dict[str, Any] = {
             "pick": self.target,
             "prefill_pick": self.prefill,
@@ -134,8 +152,14 @@ class Profile:
         n = len(pods)
         totals = [0.0] * n
         per_scorer: list[tuple[str, list[float]]] = []
+        details: list[tuple[str, list[dict[str, float]]]] = []
         for scorer, weight in self.scorers:
-            values = scorer.score(ctx, pods)
+            explain = getattr(scorer, "score_details", None)
+            if explain is not None:
+                values, parts = explain(ctx, pods)
+                details.append((scorer.name, parts))
+            else:
+                values = scorer.score(ctx, pods)
             per_scorer.append((scorer.name, values))
             if weight:
                 for i in range(n):
@@ -149,6 +173,7 @@ class Profile:
                 hits.get(p.endpoint, 0.0) / nkeys if nkeys else 0.0,
                 {name: values[i] for name, values in per_scorer},
                 totals[i],
+                {name: parts[i] for name, parts in details},
             )
             for i, p in enumerate(pods)
         ]
@@ -281,6 +306,9 @@ class Scheduler:
         #: Without one (e.g. a round-robin profile) a request is never tokenized.
         self.needs_keys = bool(index_readers)
         self._record_approx = "approximate" in index_readers
+        #: Decisions are recorded in the precise index as pending when something reads it.
+        self._pending_ttl = pi.pending_ttl_s if "precise" in index_readers else None
+        self._pending_max = pi.pending_max_s
         self._model_filter = ModelFilter("model-filter", {}, env)
         self._healthy_filter = HealthyFilter("healthy-filter", {}, env)
 
@@ -298,6 +326,8 @@ class Scheduler:
         t0 = time.perf_counter()
         if now is None:
             now = self.clock()
+        if self._pending_ttl is not None:
+            self.precise_index.expire_pending(now)
         if profile is not None and profile not in self.profiles:
             raise RequestError(400, f"unknown scheduling profile '{profile}'", "unknown_profile")
         if self.needs_keys:
@@ -394,6 +424,13 @@ class Scheduler:
             self.approx_index.add_blocks(decision.target, keys, now=now)
             if decision.prefill:
                 self.approx_index.add_blocks(decision.prefill, keys, now=now)
+        if self._pending_ttl is not None and decision.request.block_keys:
+            keys = decision.request.block_keys
+            until = now + self._pending_max
+            for ep in dict.fromkeys((worker, decision.target)):
+                entry = self.precise_index.add_pending(ep, keys, until)
+                if entry is not None:
+                    decision._pending.append(entry)
         for p in self._learners:
             p.on_pick(decision, now)
 
@@ -402,6 +439,7 @@ class Scheduler:
         if now is None:
             now = self.clock()
         self._release_prefill(decision)
+        self._settle_pending(decision, now)
         for p in self._learners:
             p.on_first_token(decision, now)
 
@@ -411,12 +449,15 @@ class Scheduler:
         the transfer and the decode pod's queue. Faces that cannot see the leg (the ext_proc
         picker, where the sidecar runs it) leave it to `on_first_token`."""
         self._release_prefill(decision)
+        if decision.prefill is not None:
+            self._settle_pending(decision, self.clock(), decision.prefill)
 
     def on_complete(
         self, decision: Decision, usage: dict[str, Any] | None = None, now: float | None = None
     ) -> None:
         if now is None:
             now = self.clock()
+        self._settle_pending(decision, now)
         if self._finish(decision):
             for p in self._learners:
                 p.on_complete(decision, usage, now)
@@ -428,9 +469,24 @@ class Scheduler:
             now = self.clock()
         if self._record_approx and decision.request.block_keys:
             self.approx_index.remove_keys(endpoint, decision.request.block_keys)
+        for entry in decision._pending:
+            if entry.pod == endpoint:
+                self.precise_index.release_pending(entry)
         if self._finish(decision):
             for p in self._learners:
                 p.on_failure(decision, endpoint, now)
+
+    def _settle_pending(self, decision: Decision, now: float, pod: str | None = None) -> None:
+        """The prefill ran (on `pod`, or everywhere): its KV events are due within
+        `pending_ttl_s`, so the pending entries need live no longer than that."""
+        ttl = self._pending_ttl
+        if ttl is None:
+            return
+        until = now + ttl
+        index = self.precise_index
+        for entry in decision._pending:
+            if entry.live and entry.expires_at > until and (pod is None or entry.pod == pod):
+                index.set_pending_expiry(entry, until)
 
     def _release_prefill(self, decision: Decision) -> None:
         for ep, tokens in decision._charged:

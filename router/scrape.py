@@ -4,6 +4,10 @@ Owns the text-page parser (`parse_vllm_metrics`, pure) and the asyncio scrape lo
 (`MetricsScraper`). It writes only `registry.set_metrics` and `registry.set_health`; it never
 touches in-flight accounting or the block index.
 
+Restarts: the page's `process_start_time_seconds` (prometheus_client's process collector,
+which vLLM's server exports) changing between two scrapes means the engine behind the address
+restarted — its KV cache is empty — and `on_restart` callbacks hear of it.
+
 Failure policy: a failed scrape keeps the last values but marks them stale (`taken_at` stays, so
 scorers see the age grow); `unhealthy_after` consecutive failures mark the pod unhealthy until a
 scrape succeeds again.
@@ -32,6 +36,11 @@ KV_USAGE = "vllm:kv_cache_usage_perc"
 KV_USAGE_OLD = "vllm:gpu_cache_usage_perc"
 LORA_INFO = "vllm:lora_requests_info"
 CACHE_CONFIG = "vllm:cache_config_info"
+PROCESS_START = "process_start_time_seconds"
+PREFIX_QUERIES = "vllm:prefix_cache_queries"
+PREFIX_HITS = "vllm:prefix_cache_hits"
+#: Start times closer than this are the same process (the value is rounded to ticks).
+_RESTART_EPSILON_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,12 +76,12 @@ def _known_lines(text: str) -> str:
     for line in text.splitlines():
         if line.startswith("#"):
             parts = line.split(" ", 3)
-            if len(parts) > 2 and parts[2] in _KNOWN:
+            if len(parts) > 2 and parts[2] in _KNOWN_LINE_NAMES:
                 keep.append(line)
         else:
             brace = line.find("{")
             name = line[:brace] if brace >= 0 else line.partition(" ")[0]
-            if name in _KNOWN:
+            if name in _KNOWN_LINE_NAMES:
                 keep.append(line)
     keep.append("")
     return "\n".join(keep)
@@ -96,13 +105,24 @@ def parse_vllm_metrics(text: str, model: str | None = None, *, now: float) -> Me
     # Per engine, the lora_requests_info sample with the greatest value (= latest timestamp).
     lora_latest: dict[str, tuple[float, str, str]] = {}
     block_size: int | None = None
+    start_time: float | None = None
+    counters: dict[str, float] = {}
     try:
         for family in text_string_to_metric_families(_known_lines(text)):
-            name = family.name
+            name = family.name.removesuffix("_total")
             if name not in _KNOWN:
                 continue
             for sample in family.samples:
                 labels = sample.labels
+                if name == PROCESS_START:
+                    start_time = sample.value
+                    continue
+                if name in (PREFIX_QUERIES, PREFIX_HITS):
+                    if model is not None and labels.get("model_name", model) != model:
+                        continue
+                    if sample.name.endswith("_total"):
+                        counters[name] = counters.get(name, 0.0) + sample.value
+                    continue
                 if model is not None and labels.get("model_name", model) != model:
                     continue
                 value = sample.value
@@ -154,12 +174,28 @@ def parse_vllm_metrics(text: str, model: str | None = None, *, now: float) -> Me
         running_adapters=frozenset(running_adapters),
         waiting_adapters=frozenset(waiting_adapters),
         block_size=block_size,
+        process_start_time=start_time,
+        prefix_cache_queries=counters.get(PREFIX_QUERIES),
+        prefix_cache_hits=counters.get(PREFIX_HITS),
         taken_at=now,
         stale=False,
     )
 
 
-_KNOWN = frozenset({WAITING, RUNNING, KV_USAGE, KV_USAGE_OLD, LORA_INFO, CACHE_CONFIG})
+_KNOWN = frozenset(
+    {
+        WAITING,
+        RUNNING,
+        KV_USAGE,
+        KV_USAGE_OLD,
+        LORA_INFO,
+        CACHE_CONFIG,
+        PROCESS_START,
+        PREFIX_QUERIES,
+        PREFIX_HITS,
+    }
+)
+_KNOWN_LINE_NAMES = _KNOWN | {f"{name}_total" for name in (PREFIX_QUERIES, PREFIX_HITS)}
 
 
 def _split_names(csv: str) -> list[str]:
@@ -177,6 +213,8 @@ class ScrapeStats:
     parse_errors: int = 0
     marked_unhealthy: int = 0
     recovered: int = 0
+    #: Engines seen restarting (their process start time changed).
+    restarts: int = 0
 
 
 @dataclass(slots=True)
@@ -211,6 +249,11 @@ class MetricsScraper:
         self._states: dict[str, _PodScrapeState] = {}
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._loop_task: asyncio.Task[None] | None = None
+        self._on_restart: list[Callable[[str, str], None]] = []
+
+    def on_restart(self, callback: Callable[[str, str], None]) -> None:
+        """Call `callback(endpoint, reason)` when a pod's engine is seen to have restarted."""
+        self._on_restart.append(callback)
 
     async def start(self) -> None:
         if self._loop_task is None:
@@ -303,7 +346,16 @@ class MetricsScraper:
         self.stats.scrapes_ok += 1
         state = self._state(endpoint)
         state.consecutive_failures = 0
+        pod = self.registry.get(endpoint)
+        before = pod.metrics.process_start_time if pod is not None else None
         self.registry.set_metrics(endpoint, snapshot)
+        after = snapshot.process_start_time
+        if before is not None and after is not None and abs(after - before) > _RESTART_EPSILON_S:
+            self.stats.restarts += 1
+            reason = f"engine restarted: process start time {before:.0f} -> {after:.0f}"
+            log.warning("pod %s %s", endpoint, reason)
+            for cb in self._on_restart:
+                cb(endpoint, reason)
         if state.held_unhealthy:
             state.held_unhealthy = False
             self.stats.recovered += 1

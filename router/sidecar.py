@@ -5,8 +5,14 @@ carries `x-prefiller-host-port: host:port` (set by the endpoint picker), first r
 leg on that host (the two-phase flow of `router/proxy/pd.py`, shared with the proxy), then sends
 the decode leg with the returned `kv_transfer_params`. The header is removed before anything is
 forwarded. Prefill hosts must be in the allowlist (a static list and/or the pods a router's
-`/debug/pods` lists as prefill-capable); any other gets 403, so a client cannot make the sidecar
-send requests to an address of its choosing. A failed prefill leg falls back to local prefill.
+`/debug/pods` lists as prefill-capable), compared after normalisation (`canonical_endpoint`);
+any other gets 403 and more than one value 400, so a client cannot make the sidecar send
+requests to an address of its choosing. The leg goes to the allowlist's own spelling of the pod.
+
+Router-only body fields (`kv_transfer_params`, see `RequestSettings.strip_fields`) are removed
+from every client body: the decode pod only ever sees the `kv_transfer_params` the chosen
+prefill pod returned, and a failed prefill leg falls back to local prefill with the client's
+body without them.
 """
 
 from __future__ import annotations
@@ -14,9 +20,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +34,7 @@ from fastapi import FastAPI
 from fastapi.responses import Response
 
 from router.discovery.pod_list import PodListError, check_endpoint
-from router.proxy.app import INFERENCE_PATHS, serve
+from router.proxy.app import serve
 from router.proxy.errors import UpstreamFailure
 from router.proxy.metrics import ProxyMetrics
 from router.proxy.pd import PrefillFailed, decode_body, run_prefill
@@ -45,11 +52,50 @@ from router.proxy.relay import (
 )
 from router.proxy.settings import ProxySettings
 from router.proxy.upstream import Upstream, forwarded_headers
-from router.request import RequestError
+from router.request import RequestError, RequestSettings, strip_router_fields
 
 log = logging.getLogger(__name__)
 
 PREFILL_HEADER = b"x-prefiller-host-port"
+_REQUEST_DEFAULTS = RequestSettings()
+#: Names of the loopback host, compared as one.
+_LOCALHOST = frozenset({"localhost", "127.0.0.1", "::1", "localhost.localdomain"})
+
+
+def canonical_endpoint(endpoint: str) -> str | None:
+    """`host:port` in one spelling per address, for comparing endpoints; None if malformed.
+
+    Case and trailing dots of host names, IPv6 brackets and zero-compression, IPv4-mapped
+    IPv6, leading zeros of the port, surrounding blanks and the loopback aliases
+    (`localhost`, 127.0.0.1, ::1) are all folded. Anything with userinfo, a path or a zone is
+    malformed, not guessed at.
+    """
+    text = endpoint.strip().lower()
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+        return None
+    bracketed = host.startswith("[")
+    if bracketed:
+        if not host.endswith("]"):
+            return None
+        host = host[1:-1]
+    elif ":" in host:  # an IPv6 address must be bracketed: "::1:80" is ambiguous
+        return None
+    host = host.rstrip(".")
+    if not host or any(c in host for c in "@/?#%[] \t,"):
+        return None
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        if bracketed:
+            return None
+    else:
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        host = addr.compressed
+    if host in _LOCALHOST:
+        host = "localhost"
+    return f"{host}:{int(port)}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,10 +113,16 @@ class SidecarSettings:
     first_byte_timeout_s: float = 60.0
     total_timeout_s: float = 600.0
     max_body_bytes: int = 16 * 1024 * 1024
+    #: Inference paths (the P/D flow and field stripping apply); the rest pass through.
+    routed_paths: tuple[str, ...] = _REQUEST_DEFAULTS.routed_paths
+    #: Router-only body fields removed from client bodies (`request.strip_fields`).
+    strip_fields: tuple[str, ...] = _REQUEST_DEFAULTS.strip_fields
 
     def __post_init__(self) -> None:
         for ep in self.allow:
             check_endpoint(ep, "sidecar.allow")
+            if canonical_endpoint(ep) is None:
+                raise ValueError(f"sidecar.allow: {ep!r} is not 'host:port'")
         check_endpoint(self.decode, "sidecar.decode")
         if self.registry_refresh_s <= 0:
             raise ValueError("sidecar.registry_refresh_s must be > 0")
@@ -83,21 +135,25 @@ class SidecarSettings:
         )
 
 
-class _StreamFlag(msgspec.Struct):
-    stream: bool | None = None
-
-
 class PrefillAllowlist:
     """The static list plus what the router's registry says (refreshed in the background)."""
 
     def __init__(self, settings: SidecarSettings) -> None:
         self.settings = settings
-        self.static = frozenset(settings.allow)
-        self.from_registry: frozenset[str] = frozenset()
+        #: canonical endpoint → the spelling the list gave (where the prefill leg goes).
+        self.static = _by_canonical(settings.allow)
+        self.from_registry: dict[str, str] = {}
         self._task: asyncio.Task[None] | None = None
 
+    def lookup(self, endpoint: str) -> str | None:
+        """The allowed pod `endpoint` names (in the list's spelling), or None."""
+        key = canonical_endpoint(endpoint)
+        if key is None:
+            return None
+        return self.static.get(key) or self.from_registry.get(key)
+
     def __contains__(self, endpoint: object) -> bool:
-        return endpoint in self.static or endpoint in self.from_registry
+        return isinstance(endpoint, str) and self.lookup(endpoint) is not None
 
     async def start(self, session: aiohttp.ClientSession) -> None:
         if self.settings.registry_url:
@@ -132,7 +188,7 @@ class PrefillAllowlist:
                 ep = p.get("endpoint")
                 if isinstance(ep, str):
                     allowed.add(ep)
-        self.from_registry = frozenset(allowed)
+        self.from_registry = _by_canonical(allowed)
 
     async def _run(self, session: aiohttp.ClientSession) -> None:
         while True:
@@ -151,7 +207,7 @@ class SidecarApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or self.upstream is None:
             await self.api(scope, receive, send)
-        elif scope["path"] in INFERENCE_PATHS and scope["method"] == "POST":
+        elif scope["path"] in self.settings.routed_paths and scope["method"] == "POST":
             await self._inference(scope, receive, send)
         elif scope["path"] in ("/sidecar/health", "/sidecar/metrics"):
             await self.api(scope, receive, send)
@@ -197,24 +253,19 @@ class SidecarApp:
         try:
             raw = await read_body(receive, s.max_body_bytes)
             headers = scope["headers"]
-            prefill = next((v.decode("latin-1") for k, v in headers if k == PREFILL_HEADER), None)
+            prefill = self._prefill_target(headers)
             fwd = forwarded_headers(headers)
-            if prefill is not None and prefill not in self.allowlist:
-                self.metrics.rejected.labels("prefill_not_allowed").inc()
-                raise RequestError(
-                    403,
-                    f"prefill host '{prefill}' is not an allowed prefill pod",
-                    "prefill_target_not_allowed",
-                )
             watch = ClientWatch(receive)
-            body, stream = raw, False
+            doc = _json_object(raw)
+            body = raw
+            stripped = strip_router_fields(doc, s.strip_fields)
+            if stripped:
+                for name in stripped:
+                    self.metrics.stripped_fields.labels(name).inc()
+                body = msgspec.json.encode(doc)
+            stream = doc.get("stream") is True
             if prefill is not None:
-                doc = _json_object(raw)
-                stream = doc.get("stream") is True
                 body = await self._prefill(prefill, scope["path"], doc, fwd)
-            else:
-                with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
-                    stream = msgspec.json.decode(raw, type=_StreamFlag).stream is True
             status = await self._decode(scope["path"], body, fwd, stream, send, watch)
         except RequestError as err:
             status = err.status
@@ -228,6 +279,34 @@ class SidecarApp:
             if watch is not None:
                 watch.close()
             self.metrics.count_request("all", status)
+
+    def _prefill_target(self, headers: list[tuple[bytes, bytes]]) -> str | None:
+        """The allowed prefill pod the request names, None without the header; raises
+        400 for more than one value and 403 for a host that is not an allowed pod."""
+        values = [
+            part.strip()
+            for k, v in headers
+            if k == PREFILL_HEADER
+            for part in v.decode("latin-1").split(",")
+        ]
+        if not values:
+            return None
+        if len(values) > 1:
+            self.metrics.rejected.labels("prefill_header_repeated").inc()
+            raise RequestError(
+                400,
+                f"{PREFILL_HEADER.decode()} must name one prefill pod, got {len(values)}",
+                "prefill_target_repeated",
+            )
+        target = self.allowlist.lookup(values[0])
+        if target is None:
+            self.metrics.rejected.labels("prefill_not_allowed").inc()
+            raise RequestError(
+                403,
+                f"prefill host '{values[0]}' is not an allowed prefill pod",
+                "prefill_target_not_allowed",
+            )
+        return target
 
     async def _prefill(self, prefill: str, path: str, doc: dict[str, Any], fwd: dict) -> bytes:
         assert self.upstream is not None
@@ -288,6 +367,15 @@ class SidecarApp:
             await send_error(
                 send, RequestError(502, f"decode pod unreachable: {e!r}", "upstream_error")
             )
+
+
+def _by_canonical(endpoints: Iterable[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for ep in endpoints:
+        key = canonical_endpoint(ep)
+        if key is not None:
+            out.setdefault(key, ep)
+    return out
 
 
 def _json_object(raw: bytes) -> dict[str, Any]:

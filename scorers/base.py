@@ -105,6 +105,14 @@ class LearningPlugin:
         return None
 
 
+class DetailedScorer:
+    """Base for scorers whose `score_details(ctx, pods)` returns (scores, one dict of named
+    figures per pod) for `explain` and the debug header: `score` is its first half."""
+
+    def score(self, ctx: SchedulingContext, pods: Sequence[Pod]) -> list[float]:
+        return self.score_details(ctx, pods)[0]  # type: ignore[attr-defined]
+
+
 def min_max_lower_is_better(values: Sequence[float]) -> list[float]:
     """(max - v) / (max - min): the lowest value scores 1, the highest 0; all equal → all 0."""
     lo = min(values)

@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from scorers.active_request import ActiveRequestScorer
 from scorers.base import PluginEnv
+from scorers.dynamo_kv_cost import DynamoKvCostScorer
 from scorers.filters import (
     DecodeFilter,
     HealthyFilter,
@@ -25,10 +26,13 @@ from scorers.pickers import (
     SoftmaxPicker,
     WeightedRandomPicker,
 )
+from scorers.predicted_ttft import PredictedTTFTScorer
 from scorers.prefix import PrecisePrefixCacheScorer, PrefixCacheScorer
 from scorers.queue import QueueScorer
 from scorers.session_affinity import SessionAffinityScorer
+from scorers.sglang_cache_aware import SglangCacheAwareScorer
 from scorers.uncached_tokens import UncachedTokensLoadScorer
+from scorers.vllm_kv_aware import VllmKvAwareScorer
 
 PluginKind = Literal["filter", "scorer", "picker"]
 
@@ -43,6 +47,11 @@ PLUGINS: dict[str, tuple[PluginKind, type]] = {
     "lora-affinity-scorer": ("scorer", LoraAffinityScorer),
     "no-hit-lru-scorer": ("scorer", NoHitLRUScorer),
     "uncached-tokens-load-scorer": ("scorer", UncachedTokensLoadScorer),
+    "predicted-ttft-scorer": ("scorer", PredictedTTFTScorer),
+    # Peers' whole decision procedures: the chosen pod scores 1, the rest 0.
+    "sglang-cache-aware": ("scorer", SglangCacheAwareScorer),
+    "vllm-kv-aware": ("scorer", VllmKvAwareScorer),
+    "dynamo-kv-cost": ("scorer", DynamoKvCostScorer),
     "decode-filter": ("filter", DecodeFilter),
     "prefill-filter": ("filter", PrefillFilter),
     "by-label-selector": ("filter", LabelSelectorFilter),

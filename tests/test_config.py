@@ -18,7 +18,7 @@ def test_empty_config_gets_every_default() -> None:
     assert cfg.blocks.mode == "chars" and cfg.blocks.block_size == 16
     assert cfg.prefix_index.lru_capacity_per_pod == 31_250
     assert cfg.handler.type == "single-profile-handler"
-    assert cfg.profiles[0].plugins[0].ref == "prefix-cache-scorer"
+    assert cfg.profiles[0].plugins[0].ref == "predicted-ttft-scorer"
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -72,3 +72,35 @@ def test_bad_config_errors_name_field_and_line(text: str, needle: str) -> None:
 def test_missing_config_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read config"):
         load_config(tmp_path / "absent.yaml")
+
+
+def test_missing_tokenizer_file_is_one_line_naming_the_path(tmp_path: Path) -> None:
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text("blocks:\n  mode: tokens\n  tokenizer_path: nowhere/tokenizer.json\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg)
+    msg = str(e.value)
+    assert msg.startswith(f"{cfg}:3: ") and "nowhere/tokenizer.json" in msg
+    assert "cannot read it" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [("{not json", "not valid JSON"), ('{"version": "1.0"}', "not a tokenizer.json file")],
+)
+def test_tokenizer_file_that_is_no_tokenizer_is_one_line(
+    tmp_path: Path, content: str, needle: str
+) -> None:
+    tok = tmp_path / "tokenizer.json"
+    tok.write_text(content)
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text(f"blocks:\n  mode: tokens\n  tokenizer_path: {tok}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg)
+    assert str(e.value).startswith(f"{cfg}:3: ") and needle in str(e.value)
+
+
+def test_unknown_prefix_index_mode_names_value_and_line() -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_config("seed: 1\nprefix_index:\n  mode: precize\n", source="r.yaml")
+    assert str(e.value).startswith("r.yaml:3: ") and "'precize'" in str(e.value)

@@ -356,3 +356,163 @@ def test_operations_on_unknown_pods_are_no_ops() -> None:
 )
 def test_tier_from_medium(medium: str | None, tier: Tier) -> None:
     assert Tier.from_medium(medium) is tier
+
+
+# ------------------------------------------------------------------ pending entries
+class PendingVsModel(RuleBasedStateMachine):
+    """Confirmed writes, pending inserts, releases, expiry and confirmations against dicts.
+
+    The model: `held` (confirmed, with tier) and, per pod, a refcount of pending keys; a key
+    is never both confirmed and pending on one pod.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.index = BlockIndex()
+        self.held: dict[str, dict[int, Tier]] = {}
+        self.pend: dict[str, dict[int, int]] = {}
+        self.entries: list[tuple[object, str, tuple[int, ...]]] = []
+        self.now = 0.0
+
+    def _unpend(self, pod: str, keys: Sequence[int]) -> None:
+        refs = self.pend.get(pod, {})
+        for key in keys:
+            refs.pop(key, None)
+
+    @rule(pod=pods, keys=small_keys, tier=tiers)
+    def confirm(self, pod: str, keys: list[int], tier: Tier) -> None:
+        self.index.add_blocks(pod, keys, tier=tier)
+        self._unpend(pod, keys)
+        blocks = self.held.setdefault(pod, {})
+        for key in keys:
+            blocks[key] = tier
+
+    @rule(pod=pods, keys=small_keys, ttl=st.floats(0.5, 5.0))
+    def add_pending(self, pod: str, keys: list[int], ttl: float) -> None:
+        entry = self.index.add_pending(pod, keys, self.now + ttl)
+        todo = tuple(k for k in keys if k not in self.held.get(pod, {}))
+        if not todo:
+            assert entry is None
+            return
+        assert entry is not None
+        refs = self.pend.setdefault(pod, {})
+        for key in todo:
+            refs[key] = refs.get(key, 0) + 1
+        self.entries.append((entry, pod, todo))
+
+    def _release(self, i: int) -> None:
+        _, pod, todo = self.entries.pop(i)
+        refs = self.pend.get(pod, {})
+        for key in todo:
+            n = refs.get(key)
+            if n is None:
+                continue
+            if n > 1:
+                refs[key] = n - 1
+            else:
+                del refs[key]
+
+    @precondition(lambda self: bool(self.entries))
+    @rule(data=st.data())
+    def release(self, data: st.DataObject) -> None:
+        i = data.draw(st.integers(0, len(self.entries) - 1))
+        self.index.release_pending(self.entries[i][0])  # type: ignore[arg-type]
+        self._release(i)
+
+    @precondition(lambda self: bool(self.entries))
+    @rule(data=st.data(), shift=st.floats(-3.0, 3.0))
+    def move_expiry(self, data: st.DataObject, shift: float) -> None:
+        entry = self.entries[data.draw(st.integers(0, len(self.entries) - 1))][0]
+        self.index.set_pending_expiry(entry, max(self.now, entry.expires_at + shift))  # type: ignore[attr-defined]
+
+    @rule(dt=st.floats(0.0, 3.0))
+    def advance(self, dt: float) -> None:
+        self.now += dt
+        due = [i for i, (e, _, _) in enumerate(self.entries) if e.expires_at <= self.now]  # type: ignore[attr-defined]
+        assert self.index.expire_pending(self.now) == len(due)
+        for i in reversed(due):
+            self._release(i)
+
+    @rule(pod=pods, keys=small_keys)
+    def remove_keys(self, pod: str, keys: list[int]) -> None:
+        self.index.remove_keys(pod, keys)
+        for key in keys:
+            self.held.get(pod, {}).pop(key, None)
+
+    @rule(pod=pods)
+    def drop_pod(self, pod: str) -> None:
+        self.index.drop_pod(pod)
+        self.held.pop(pod, None)
+        self.pend.pop(pod, None)
+        self.entries = [x for x in self.entries if x[1] != pod]
+
+    @rule(query=small_keys)
+    def longest_prefix_counts_pending_as_gpu(self, query: list[int]) -> None:
+        union: dict[str, dict[int, Tier]] = {}
+        for pod in set(self.held) | set(self.pend):
+            blocks = dict(self.held.get(pod, {}))
+            for key in self.pend.get(pod, {}):
+                blocks.setdefault(key, Tier.GPU)
+            union[pod] = blocks
+        want = reference_longest_prefix(union, query, DEFAULT_TIER_WEIGHTS)
+        assert_same_scores(self.index.longest_prefix(query), want)
+
+    @invariant()
+    def confirmed_counts_ignore_pending(self) -> None:
+        for pod in PODS:
+            assert self.index.pod_block_count(pod) == len(self.held.get(pod, {}))
+            assert self.index.pending_count(pod) == len(self.pend.get(pod, {}))
+        for key in range(41):
+            want = sorted((pod, b[key]) for pod, b in self.held.items() if key in b)
+            assert sorted(self.index.holders(key)) == want
+
+
+TestPendingAgainstModel = PendingVsModel.TestCase
+TestPendingAgainstModel.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
+
+
+def test_pending_prefix_is_matched_until_events_confirm_it() -> None:
+    index = BlockIndex()
+    chain = token_block_keys(list(range(64)), 16)
+    entry = index.add_pending("a", chain, expires_at=10.0)
+    assert entry is not None
+    assert index.longest_prefix(chain) == {"a": 4.0}
+    assert index.pod_block_count("a") == 0 and index.pending_count("a") == 4
+    index.add_blocks("a", chain[:2])  # the engine stored the first two blocks
+    assert index.pending_count("a") == 2 and index.pod_block_count("a") == 2
+    assert index.longest_prefix(chain) == {"a": 4.0}
+    index.release_pending(entry)  # the rest never came (the request failed)
+    assert index.longest_prefix(chain) == {"a": 2.0}
+    assert index.pending_count() == 0
+
+
+def test_pending_entry_expires_and_a_shared_key_outlives_one_holder() -> None:
+    index = BlockIndex()
+    first = index.add_pending("a", [1, 2, 3], expires_at=5.0)
+    second = index.add_pending("a", [1, 2], expires_at=20.0)
+    assert first is not None and second is not None
+    index.set_pending_expiry(first, 2.0)  # its prefill ran: events are due within the TTL
+    assert index.expire_pending(1.9) == 0
+    assert index.expire_pending(2.0) == 1
+    assert index.longest_prefix([1, 2, 3]) == {"a": 2.0}  # 1 and 2 still pending for `second`
+    index.set_pending_expiry(second, 30.0)  # extended: survives its first heap slot
+    assert index.expire_pending(25.0) == 0
+    assert index.expire_pending(30.0) == 1
+    assert index.longest_prefix([1, 2, 3]) == {}
+
+
+def test_pending_skips_confirmed_blocks_and_leaves_with_the_pod() -> None:
+    index = BlockIndex()
+    index.add_blocks("a", [1, 2])
+    assert index.add_pending("a", [1, 2], expires_at=1.0) is None
+    assert index.add_pending("b", [1, 2, 3], expires_at=1.0) is not None
+    stale = index.add_pending("b", [7], expires_at=1.0)
+    index.drop_pod("b")
+    assert index.pending_count() == 0
+    assert index.longest_prefix([1, 2, 3]) == {"a": 2.0}
+    # The pod comes back under the same endpoint: an entry of its old life touches nothing.
+    fresh = index.add_pending("b", [7], expires_at=9.0)
+    assert stale is not None and fresh is not None
+    assert index.release_pending(stale) is False
+    assert index.expire_pending(1.0) == 0
+    assert index.longest_prefix([7]) == {"b": 1.0}

@@ -362,3 +362,122 @@ def test_registry_replace_all_keeps_state_of_staying_pods() -> None:
     assert reg["10.0.0.1:8000"].inflight_requests == 3
     assert reg["10.0.0.1:8000"].role is Role.DECODE
     assert removed == ["10.0.0.2:8000"]
+
+
+# ------------------------------------------------------------ pending (speculative) entries
+PRECISE = single([("precise-prefix-cache-scorer", 1.0)])
+
+
+def precise_sched(extra: str = "", pods: int = 4) -> tuple[Scheduler, list[float]]:
+    from router.index import BlockIndex
+
+    now = [0.0]
+    cfg = parse_config(config_with(PRECISE, pods=pods, extra=extra))
+    return Scheduler(cfg, precise_index=BlockIndex(), seed=3, clock=lambda: now[0]), now
+
+
+def token_req(ids: list[int]) -> RoutingRequest:
+    return RoutingRequest(model="m", prompt="", token_ids=ids)
+
+
+GROUP = list(range(10_000, 10_000 + 4096))
+
+
+def test_burst_of_one_group_follows_the_first_pick_before_any_kv_event() -> None:
+    s, _ = precise_sched()
+    targets = set()
+    for i in range(12):
+        d = s.schedule(token_req(GROUP + [i] * 40))
+        s.on_pick(d)
+        targets.add(d.target)
+    assert len(targets) == 1  # every later request saw the first one's pending prefix
+
+
+def test_without_pending_entries_a_burst_scatters() -> None:
+    s, _ = precise_sched(extra="prefix_index: {pending_ttl_s: null}")
+    targets = set()
+    for i in range(12):
+        d = s.schedule(token_req(GROUP + [i] * 40))
+        s.on_pick(d)
+        targets.add(d.target)
+    assert len(targets) > 1
+    assert s.precise_index.pending_count() == 0
+
+
+def test_kv_events_confirm_pending_entries() -> None:
+    from router.blocks import BlockConfig
+    from router.events.ingest import KVEventIngester
+    from router.events.types import BlockStored
+
+    s, _ = precise_sched()
+    ids = GROUP[:256]
+    d = s.schedule(token_req(ids))
+    s.on_pick(d)
+    assert s.precise_index.pending_count(d.target) == 16
+    ing = KVEventIngester(s.precise_index, BlockConfig(mode="tokens", block_size=16))
+    stored = BlockStored(
+        block_hashes=list(range(1, 17)), parent_block_hash=None, token_ids=ids, block_size=16
+    )
+    ing.apply_events(d.target, [stored])
+    assert s.precise_index.pending_count() == 0
+    assert s.precise_index.pod_block_count(d.target) == 16
+    assert s.schedule(token_req(ids + [1] * 16)).target == d.target
+
+
+def test_pending_entry_lives_until_first_token_plus_ttl_and_goes_on_failure() -> None:
+    s, now = precise_sched(extra="prefix_index: {pending_ttl_s: 2.0, pending_max_s: 60.0}")
+    a = s.schedule(token_req(GROUP))
+    s.on_pick(a)
+    now[0] = 29.0  # a long queue: still pending while the prefill has not run
+    assert s.schedule(token_req(GROUP + [5] * 32)).target == a.target
+    s.on_first_token(a)  # prefill done: the engine's events are due within 2 s
+    now[0] = 30.5
+    s.schedule(token_req([1] * 32))
+    assert s.precise_index.pending_count() > 0
+    now[0] = 31.0
+    s.schedule(token_req([1] * 32))
+    assert s.precise_index.pending_count() == 0
+    b = s.schedule(token_req(GROUP))
+    s.on_pick(b)
+    s.on_failure(b, b.target)
+    assert s.precise_index.pending_count() == 0
+
+
+def test_pending_entries_expire_when_a_face_never_reports_back() -> None:
+    s, now = precise_sched(extra="prefix_index: {pending_max_s: 5.0}")
+    s.on_pick(s.schedule(token_req(GROUP)))
+    now[0] = 5.0
+    s.schedule(token_req([1] * 32))
+    assert s.precise_index.pending_count() == 0
+
+
+def test_pd_records_pending_on_both_prefill_and_decode_pods() -> None:
+    from router.index import BlockIndex
+
+    pd = PD.replace("THRESHOLD", "0").replace("prefix-cache-scorer", "precise-prefix-cache-scorer")
+    cfg = parse_config(BASE + pd)
+    s = Scheduler(cfg, precise_index=BlockIndex(), seed=1, clock=lambda: 0.0)
+    d = s.schedule(token_req(GROUP))
+    s.on_pick(d)
+    assert d.prefill is not None and d.prefill != d.target
+    assert s.precise_index.pending_count(d.prefill) == len(GROUP) // 16
+    assert s.precise_index.pending_count(d.target) == len(GROUP) // 16
+    s.on_prefill_done(d)
+    s.on_failure(d, d.target)
+    assert s.precise_index.pending_count(d.target) == 0
+
+
+def test_explain_carries_scorer_details_beside_the_old_keys() -> None:
+    s = make(config_with(single([("predicted-ttft-scorer", 1.0), ("queue-scorer", 1.0)])))
+    data = s.schedule(req(PROMPT)).explain()
+    for pod in data["pods"]:
+        assert set(pod) == {"endpoint", "prefix_hit", "scores", "total", "details"}
+        parts = pod["details"]["predicted-ttft-scorer"]
+        assert parts["predicted_ttft_s"] == pytest.approx(
+            parts["queued_prefill_s"]
+            + parts["own_prefill_s"]
+            + parts["decode_interference_s"]
+            + parts["kv_pressure_s"],
+            abs=1e-5,
+        )
+        assert "queue-scorer" not in pod["details"]

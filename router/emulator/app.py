@@ -3,11 +3,14 @@
 API app: `POST /v1/completions`, `POST /v1/chat/completions` (SSE or JSON), `GET /v1/models`,
 `GET /health`, `POST /tokenize`, `GET /metrics`, `GET /version`, `POST /reset_prefix_cache`,
 `POST /v1/completions/render` and `/v1/chat/completions/render` (token ids per prompt),
-and the emulator's own `GET|POST /admin/faults` and `GET /admin/timings`. Bodies are parsed by
-the router's `parse_request`, so a bad body gets the same 400 as from kvroute's faces.
+and the emulator's own `GET /admin/timings`. Bodies are parsed by the router's
+`parse_request`, so a bad body gets the same 400 as from kvroute's faces.
 
-Side-channel app: `POST /kv/pull`, `POST /kv/release` (see `kv_transfer`), `GET /health` and a
-mirror of `/admin/faults` that stays reachable while the API port refuses connections.
+Side-channel app: `POST /kv/pull`, `POST /kv/release` (see `kv_transfer`), `GET /health`.
+
+Admin app, only when the pod is started with `--admin-port` and only on that port (never the
+API port a router forwards clients to): `GET|POST /admin/faults`, `GET /health`. It stays
+reachable while the API port refuses connections.
 """
 
 from __future__ import annotations
@@ -98,8 +101,6 @@ def build_api_app(rt: PodRuntime, refuse: Callable[[float], Awaitable[None]]) ->
             return _error(RequestError(409, "prefix cache reset refused: blocks are in use"))
         return Response(status_code=200)
 
-    _add_admin_routes(app, rt, refuse)
-
     @app.get("/admin/timings")
     async def timings() -> Response:
         return _json([dataclasses.asdict(t) for t in rt.driver.timings])
@@ -135,13 +136,17 @@ def build_side_app(rt: PodRuntime, refuse: Callable[[float], Awaitable[None]]) -
     async def health() -> Response:
         return Response(status_code=200)
 
-    _add_admin_routes(app, rt, refuse)
     return app
 
 
-def _add_admin_routes(
-    app: FastAPI, rt: PodRuntime, refuse: Callable[[float], Awaitable[None]]
-) -> None:
+def build_admin_app(rt: PodRuntime, refuse: Callable[[float], Awaitable[None]]) -> FastAPI:
+    """The fault-injection surface, served on its own port (`--admin-port`) only."""
+    app = FastAPI(title="kvroute emulator admin", docs_url=None, openapi_url=None)
+
+    @app.get("/health")
+    async def health() -> Response:
+        return Response(status_code=200)
+
     @app.get("/admin/faults")
     async def get_faults() -> Response:
         return _json(dataclasses.asdict(rt.faults.settings))
@@ -157,6 +162,8 @@ def _add_admin_routes(
         except FaultUpdateError as exc:
             return _error(RequestError(400, str(exc), "invalid_fault"))
         return _json(dataclasses.asdict(settings))
+
+    return app
 
 
 async def _run_actions(

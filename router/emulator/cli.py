@@ -48,7 +48,14 @@ def add_pod_arguments(p: argparse.ArgumentParser, *, fleet: bool = False) -> Non
             "--side-channel-port",
             type=int,
             default=d.side_channel_port,
-            help="KV side-channel/admin port (0 = free port)",
+            help="KV side-channel port (0 = free port)",
+        )
+        p.add_argument(
+            "--admin-port",
+            type=int,
+            default=None,
+            help="serve GET|POST /admin/faults on this port only (0 = free port); without it "
+            "the pod has no admin endpoint. Never the API port",
         )
         ev = p.add_mutually_exclusive_group()
         ev.add_argument(
@@ -115,7 +122,7 @@ def add_pod_arguments(p: argparse.ArgumentParser, *, fleet: bool = False) -> Non
     )
     p.add_argument("--no-precise-timers", dest="precise_timers", action="store_false")
     f = _FAULT_DEFAULTS
-    g = p.add_argument_group("fault injection (also POST /admin/faults)")
+    g = p.add_argument_group("fault injection (also POST /admin/faults with --admin-port)")
     g.add_argument("--fault-error-rate", type=float, default=f.error_rate)
     g.add_argument("--fault-error-status", type=int, default=f.error_status)
     g.add_argument("--fault-latency-spike-rate", type=float, default=f.latency_spike_rate)
@@ -170,6 +177,11 @@ def _add_fleet_arguments(p: argparse.ArgumentParser) -> None:
     )
     ev.add_argument("--no-events", action="store_true", help="publish no KV events")
     p.add_argument(
+        "--admin",
+        action="store_true",
+        help="give every pod an admin port (/admin/faults) of its own (printed per pod)",
+    )
+    p.add_argument(
         "--write-config", metavar="FILE", type=Path, help="write a kvroute config listing the pods"
     )
     add_pod_arguments(p, fleet=True)
@@ -192,6 +204,7 @@ def _run_fleet(args: argparse.Namespace) -> int:
         events=events,
         events_connect=args.events_connect,
         pod_args=pod_args_from(args),
+        admin=args.admin,
     )
 
     async def main() -> int:
@@ -204,9 +217,10 @@ def _run_fleet(args: argparse.Namespace) -> int:
                 if args.write_config:
                     fleet.write_config(args.write_config)
                 for pod in fleet.pods:
+                    admin = f"  admin=http://{pod.admin}" if pod.admin else ""
                     print(
                         f"{pod.role:8s} http://{pod.endpoint}  events={pod.kv_events_endpoint}"
-                        f"  replay={pod.kv_replay_endpoint}",
+                        f"  replay={pod.kv_replay_endpoint}{admin}",
                         flush=True,
                     )
                 print("ready", flush=True)

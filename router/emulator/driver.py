@@ -18,6 +18,9 @@ that arrives while the engine clock lags behind the wall clock joins the first s
 starts after its arrival (the steps before it are computed first). If the driver falls behind
 by more than `max_lag` (an overloaded CPU), the engine clock jumps forward: the modelled GPU
 idles, and the lost time shows as timing error rather than as an ever-growing backlog.
+Each delivered step reports its lag (wall seconds past its end deadline) to the observer's
+`step_lag`, and a jump reports how late the step it skipped to was: a benchmark reads them to
+tell whether the emulated timing held (the pod's `kvroute_emulator_step_lag_seconds`).
 
 Token accounting uses the engine's public outcome only: a request decodes one token per step
 from the step after its first token until it finishes (`StepOutcome.finished` gives the exact
@@ -121,6 +124,9 @@ class DriverObserver:
 
     def finished(self, gen: Generation, fin: FinishedRequest, e2e_s: float) -> None:
         pass
+
+    def step_lag(self, lag_wall_s: float) -> None:
+        """How late (wall seconds, >= 0) a step's tokens were handed over after its end."""
 
 
 class EngineDriver:
@@ -267,6 +273,9 @@ class EngineDriver:
         horizon = now + self._lookahead
         if self._now < now - self._max_lag and engine.has_work():
             # Too far behind the wall clock to catch up: the GPU "idled" meanwhile.
+            due = None if self._blocked else engine.next_step_at(self._now)
+            if due is not None:  # (a blocked engine waited for memory: not late)
+                self.observer.step_lag(max(0.0, now - due) / self.speedup)
             self._now = now
             self.lag_jumps += 1
         while not self._blocked:
@@ -326,8 +335,11 @@ class EngineDriver:
         # Tokens count per generation over all due steps, so a late wake-up delivers them in one
         # chunk (vLLM's output processor coalesces the same way under load).
         counts: dict[int, tuple[Generation, int]] = {}
+        t0, speedup = self._t0, self.speedup
         while results and results[0].end <= now:
             res = results.popleft()
+            # Step lag: wall time past the step's end deadline (early hand-overs count as 0).
+            obs.step_lag(max(0.0, wall - t0 - res.end / speedup))
             for gen in res.tokens:
                 g, c = counts.get(id(gen), (gen, 0))
                 counts[id(gen)] = (g, c + 1)

@@ -1,10 +1,11 @@
-"""FaultState: the faults a pod injects now, changed by flags at start or `POST /admin/faults`.
+"""FaultState: the faults a pod injects now, changed by flags at start or `POST /admin/faults`
+(served only on the admin port a pod gets with `--admin-port`, never on its API port).
 
 Per-request faults (error answers, latency spikes, stalls, mid-stream crashes) are drawn from
 one seeded RNG so a test run is repeatable. KV-event faults act on the publisher: a drop rate,
 or one-shot actions (lose the next N batches, restart the sequence at 0 like a restarted
-engine). Refusing connections stops the API listener for a while (the side channel, which
-mirrors `/admin/faults`, stays up to end it early).
+engine). Refusing connections stops the API listener for a while (the admin port stays up
+to end it early).
 """
 
 from __future__ import annotations

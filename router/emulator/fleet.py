@@ -44,6 +44,8 @@ class FleetPod:
     model: str
     adapters: tuple[str, ...]
     side_channel: str
+    #: host:port of the pod's admin app (`/admin/faults`); None unless the fleet has `admin`.
+    admin: str | None
     kv_events_endpoint: str | None
     kv_replay_endpoint: str | None
     block_size: int
@@ -52,6 +54,12 @@ class FleetPod:
     @property
     def url(self) -> str:
         return f"http://{self.endpoint}"
+
+    @property
+    def admin_url(self) -> str:
+        if self.admin is None:
+            raise RuntimeError("the fleet was started without admin=True: pods have no admin")
+        return f"http://{self.admin}"
 
 
 def parse_pd(text: str, pods: int) -> tuple[int, int]:
@@ -111,7 +119,10 @@ class EmulatedFleet:
         host: str = "127.0.0.1",
         startup_timeout_s: float = 60.0,
         stderr: int | None = None,
+        admin: bool = False,
     ) -> None:
+        """`admin`: every pod serves `/admin/faults` on an admin port of its own (never on
+        its API port); without it no pod has an admin surface."""
         if pods < 1:
             raise ValueError("a fleet needs at least one pod")
         if pd is not None and sum(pd) != pods:
@@ -132,6 +143,7 @@ class EmulatedFleet:
         if profile is not None:
             args += ["--profile", profile]
         self.pod_args = args
+        self.admin = admin
         self.pods: list[FleetPod] = []
         self._procs: list[asyncio.subprocess.Process] = []
 
@@ -154,6 +166,8 @@ class EmulatedFleet:
             "--role",
             self._role(i),
         ]
+        if self.admin:
+            cmd += ["--admin-port", "0"]
         if self.events == "bind":
             cmd += ["--events-bind", f"tcp://{self.host}:0"]
         elif self.events == "connect":
@@ -185,6 +199,7 @@ class EmulatedFleet:
                     model=info["model"],
                     adapters=tuple(info["adapters"]),
                     side_channel=info["side_channel"],
+                    admin=info.get("admin"),
                     kv_events_endpoint=info["kv_events_endpoint"],
                     kv_replay_endpoint=info["kv_replay_endpoint"],
                     block_size=info["block_size"],

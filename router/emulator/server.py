@@ -4,7 +4,8 @@
 `run_pod(settings)` is the process entry point of `kvroute emulate pod`: it prints one JSON
 line `{"event": "ready", ...}` with the bound endpoints once serving, and stops cleanly on
 SIGTERM or SIGINT. Only the given host is bound (127.0.0.1 by default); port 0 picks a free
-port, reported on the ready line.
+port, reported on the ready line. The admin app (`/admin/faults`) is served only with
+`settings.admin_port`, on its own socket (`admin` on the ready line, else null).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 
 import uvicorn
 
-from router.emulator.app import build_api_app, build_side_app
+from router.emulator.app import build_admin_app, build_api_app, build_side_app
 from router.emulator.runtime import PodRuntime
 from router.emulator.settings import EmulatorSettings
 from router.events.publisher import KVEventPublisher
@@ -52,6 +53,8 @@ class EmulatorPod:
         self.runtime = PodRuntime(settings)
         self._api: _EmbeddedServer | None = None
         self._side: _EmbeddedServer | None = None
+        self._admin: _EmbeddedServer | None = None
+        self.admin_port: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._relisten: asyncio.TimerHandle | None = None
         self._refusing = False
@@ -71,9 +74,15 @@ class EmulatorPod:
         rt.driver.start()
         self._api = self._server(build_api_app(rt, self.refuse_connections))
         self._side = self._server(build_side_app(rt, self.refuse_connections))
-        for server, sock in ((self._api, api_sock), (self._side, side_sock)):
+        serving = [(self._api, api_sock), (self._side, side_sock)]
+        if s.admin_port is not None:
+            admin_sock = _bind(s.host, s.admin_port)
+            self.admin_port = admin_sock.getsockname()[1]
+            self._admin = self._server(build_admin_app(rt, self.refuse_connections))
+            serving.append((self._admin, admin_sock))
+        for server, sock in serving:
             self._tasks.append(asyncio.create_task(server.serve(sockets=[sock])))
-        while not (self._api.started and self._side.started):
+        while not all(server.started for server, _ in serving):
             for t in self._tasks:
                 if t.done():
                     await self.stop()
@@ -123,7 +132,7 @@ class EmulatorPod:
     async def stop(self) -> None:
         if self._relisten is not None:
             self._relisten.cancel()
-        for server in (self._api, self._side):
+        for server in (self._api, self._side, self._admin):
             if server is not None:
                 server.should_exit = True
         await self.runtime.driver.stop()
@@ -158,6 +167,19 @@ class EmulatorPod:
     def side_channel(self) -> str:
         return f"{self.runtime.host}:{self.runtime.side_port}"
 
+    @property
+    def admin(self) -> str | None:
+        """host:port of the admin app, None when the pod was started without one."""
+        if self.admin_port is None:
+            return None
+        return f"{self.runtime.host}:{self.admin_port}"
+
+    @property
+    def admin_url(self) -> str:
+        if self.admin is None:
+            raise RuntimeError("this pod was started without an admin port (admin_port)")
+        return f"http://{self.admin}"
+
     def ready_info(self) -> dict[str, Any]:
         rt = self.runtime
         return {
@@ -167,6 +189,7 @@ class EmulatorPod:
             "model": rt.model,
             "adapters": sorted(rt.adapters),
             "side_channel": self.side_channel,
+            "admin": self.admin,
             "kv_events_endpoint": self.kv_events_endpoint,
             "kv_replay_endpoint": self.kv_replay_endpoint,
             "block_size": rt.engine_config.block_size,

@@ -14,7 +14,7 @@ OutputLength = Literal["max", "random"]
 
 @dataclass(frozen=True, slots=True)
 class FaultSettings:
-    """Faults a pod injects (flags at start, `POST /admin/faults` while running)."""
+    """Faults a pod injects (flags at start, `POST /admin/faults` on the admin port)."""
 
     #: Fraction of generation requests answered with `error_status` at once.
     error_rate: float = 0.0
@@ -87,8 +87,12 @@ class EmulatorSettings:
     events_wire_form: Literal["array", "map"] = "array"
     events_buffer_steps: int = 10_000
     # --- P/D
-    #: Port of the KV side channel (P/D pulls) and admin mirror (0 = free port).
+    #: Port of the KV side channel (P/D pulls between pods; 0 = free port).
     side_channel_port: int = 0
+    # --- admin
+    #: Port of the admin app (`GET|POST /admin/faults`); None = no admin surface at all,
+    #: 0 = a free port. Never the API port: a router forwards clients there.
+    admin_port: int | None = None
     #: How long a prefill pod keeps a finished request's blocks for its decode pod.
     kv_pin_timeout_s: float = 480.0
     kv_link_latency_s: float = 0.002
@@ -120,6 +124,11 @@ class EmulatorSettings:
             raise ValueError("kv_pin_timeout_s and kv_link_bandwidth_gbps must be > 0")
         if self.max_model_len < 1 or self.max_loras < 1:
             raise ValueError("max_model_len and max_loras must be >= 1")
+        if self.admin_port and self.admin_port in (self.port, self.side_channel_port):
+            raise ValueError(
+                f"admin_port {self.admin_port} must differ from the API and side-channel "
+                "ports (a router forwards clients to the API port)"
+            )
 
     @property
     def events_enabled(self) -> bool:

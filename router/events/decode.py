@@ -2,8 +2,11 @@
 
 Owns the tolerance rules for what vLLM puts on the wire:
 - array form (older releases; `array_like` structs, tag = class name in front) and map form
-  (newer releases, e.g. v0.28: events are maps with a `type` key inside a batch that is still
-  an array); the batch and each event are accepted in either shape independently (a batch map
+  (newer releases, e.g. v0.28 and v0.32: events are maps with a `type` key inside a batch
+  that is still an array, `[ts, [events], data_parallel_rank]`; 0.32 adds `group_idx`,
+  `kv_cache_spec_kind` and `kv_cache_spec_sliding_window`, which the ingester uses to index
+  only full-attention groups, and `locality`/`ownership`/`session_id`, which are ignored);
+  the batch and each event are accepted in either shape independently (a batch map
   `{ts, events, data_parallel_rank}` too, though no release is known to send one);
 - engine hashes as msgpack ints (including unsigned 64-bit) or bytes;
 - trailing optional fields absent, and unknown trailing fields (array form) or unknown keys

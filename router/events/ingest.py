@@ -12,6 +12,14 @@ Owns three things:
   keyed as `engine/router` router blocks (the router's keys are what requests are matched on);
   the engine hash maps to the last of them (so chaining works) and `(hash, j)` to the others
   (so removal drops them all). Any other mismatch is counted and the event skipped.
+- KV-cache groups (hybrid models, vLLM >= 0.32 `group_idx` / `kv_cache_spec_kind`): only
+  full-attention groups are indexed. A sliding-window or Mamba group keeps only the last
+  window (or a state), so its blocks do not say a prefix is cached; and the groups share
+  engine hashes, so a sliding-window group dropping a block must not remove the
+  full-attention entry with the same hash. Stored events of other kinds are skipped (counted
+  in `other_group_events`), and removals whose `group_idx` names such a group too. The
+  prediction for a hybrid model is thus the full-attention prefix: an upper bound of what
+  vLLM serves from cache (it also needs the window's blocks of the other groups).
 - scheduling: batches wait in per-pod queues; `run()` drains them round-robin,
   `batches_per_turn` per pod per turn, and yields to the event loop every `slice_budget_ms`,
   so one pod's burst neither starves other pods nor stalls request handling on the same loop.
@@ -57,6 +65,8 @@ class EventStats:
     apply_errors: int = 0
     #: Engine block size not a multiple of the router's.
     block_size_errors: int = 0
+    #: Stored/removed events of non-full-attention KV-cache groups, skipped (see module doc).
+    other_group_events: int = 0
     orphans: int = 0
     #: Messages without the three frames topic/seq/payload, or with a topic we cannot parse.
     malformed_messages: int = 0
@@ -69,6 +79,10 @@ class EventStats:
     seq_resets: int = 0
     rebuilds: int = 0
     queue_overflows: int = 0
+    #: Times a pod's feed was found silent while its engine computed blocks (`FleetFeeds`).
+    silent_feeds: int = 0
+    #: Pods cleared because they went unhealthy or their engine restarted (`FleetFeeds`).
+    pods_cleared: int = 0
     #: Longest single apply slice (ms) — the most the feed delayed the event loop at once.
     max_slice_ms: float = 0.0
 
@@ -80,6 +94,9 @@ _U32_ARRAY = array("I").itemsize == 4
 _Item = tuple[int, bytes | None]
 
 _TIER_BY_MEDIUM: dict[str | None, Tier] = {}
+
+#: vLLM `KVCacheSpecKind` values whose cached blocks mean "this prefix is cached".
+FULL_ATTENTION_KINDS = frozenset({"full_attention", "mla_attention", "sink_full_attention"})
 
 
 def _tier(medium: str | None) -> Tier:
@@ -110,6 +127,7 @@ class KVEventIngester:
         self._ready: deque[str] = deque()  # pods with queued items, in round-robin order
         self._wakeup = asyncio.Event()
         self._ratio: dict[str, int] = {}  # pod → engine block size / router block size
+        self._skipped_groups: dict[str, set[int]] = {}  # pod → group_idx not indexed
         self._rebuilding: dict[str, float] = {}  # pod → when its index was reset
         self._error_log: dict[str, tuple[float, int]] = {}  # pod → (last logged, suppressed)
 
@@ -150,6 +168,7 @@ class KVEventIngester:
             with contextlib.suppress(ValueError):
                 self._ready.remove(pod)
         self._ratio.pop(pod, None)
+        self._skipped_groups.pop(pod, None)
         self._rebuilding.pop(pod, None)
         self._error_log.pop(pod, None)
         self.index.drop_pod(pod)
@@ -240,6 +259,9 @@ class KVEventIngester:
             if isinstance(ev, BlockStored):
                 self._stored(pod, ev, now)
             elif isinstance(ev, BlockRemoved):
+                if ev.group_idx is not None and ev.group_idx in self._skipped_groups.get(pod, ()):
+                    self.stats.other_group_events += 1
+                    continue
                 self._removed(pod, ev.block_hashes)
             elif isinstance(ev, AllBlocksCleared):
                 self.index.clear_pod(pod)
@@ -247,6 +269,12 @@ class KVEventIngester:
                 self._rebuilding.pop(pod, None)
 
     def _stored(self, pod: str, ev: BlockStored, now: float) -> None:
+        kind = ev.kv_cache_spec_kind
+        if kind is not None and kind not in FULL_ATTENTION_KINDS:
+            self.stats.other_group_events += 1
+            if ev.group_idx is not None:
+                self._skipped_groups.setdefault(pod, set()).add(ev.group_idx)
+            return
         hashes = ev.block_hashes
         n = len(hashes)
         if not n:

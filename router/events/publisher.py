@@ -4,9 +4,12 @@ Wire contract (vLLM's ZMQ publisher):
 - PUB socket, three frames per batch: topic (UTF-8), seq (8-byte big-endian, 0, 1, 2, ...),
   payload (msgpack `KVEventBatch`; array-form events by default, map-form events on request).
 - Replay: a ROUTER socket (always bound). A request's last frame is the 8-byte start seq
-  (DEALER clients send `[b"", start]`); the answer is one `[b"", seq, payload]` per buffered
-  batch with seq ≥ start, then the end marker `[b"", (-1).to_bytes(8, signed), b""]`. The last
-  `buffer_steps` batches are kept.
+  (DEALER clients send `[b"", start]`); the answer is, after the ROUTER envelope
+  `[identity, b""]`, one `[topic, seq, payload]` per buffered batch with seq ≥ start — the
+  live stream's three frames — then the end marker `[b"", (-1).to_bytes(8, signed), b""]`
+  (vLLM 0.32's `_service_replay`; releases before it sent `[seq, payload]` and
+  `[END, b""]`, which `KVEventSubscriber` still accepts). The last `buffer_steps` batches are
+  kept.
 
 Fault injection for tests: `drop_next` loses batches on the wire (optionally from the replay
 buffer too), `restart` starts the sequence again at 0 like a restarted engine.
@@ -76,9 +79,15 @@ def _event_fields(ev: KVEvent) -> tuple[str, list[Any], list[Any]]:
             ev.medium,
             ev.lora_name,
         ]
-        return "BlockStored", always, [ev.extra_keys]
+        optional = [
+            ev.extra_keys,
+            ev.group_idx,
+            ev.kv_cache_spec_kind,
+            ev.kv_cache_spec_sliding_window,
+        ]
+        return "BlockStored", always, optional
     if isinstance(ev, BlockRemoved):
-        return "BlockRemoved", [ev.block_hashes, ev.medium], []
+        return "BlockRemoved", [ev.block_hashes, ev.medium], [ev.group_idx]
     if isinstance(ev, AllBlocksCleared):
         return "AllBlocksCleared", [], []
     raise TypeError(f"not a KV event: {type(ev).__name__}")
@@ -94,8 +103,11 @@ _FIELD_NAMES = {
         "medium",
         "lora_name",
         "extra_keys",
+        "group_idx",
+        "kv_cache_spec_kind",
+        "kv_cache_spec_sliding_window",
     ),
-    "BlockRemoved": ("block_hashes", "medium"),
+    "BlockRemoved": ("block_hashes", "medium", "group_idx"),
     "AllBlocksCleared": (),
 }
 
@@ -103,6 +115,7 @@ _FIELD_NAMES = {
 def _array_event(ev: KVEvent) -> list[Any]:
     tag, always, optional = _event_fields(ev)
     out = [tag, *always]
+    # Positional: a None before a set field stays (as vLLM's encoder writes it).
     while optional and optional[-1] is None:
         optional.pop()
     out.extend(optional)
@@ -242,8 +255,8 @@ class KVEventPublisher:
             with self._lock:
                 batches = [(s, p) for s, p in self._buffer if s >= start]
             for s, p in batches:
-                sock.send_multipart((client, b"", s.to_bytes(8, "big"), p))
-            sock.send_multipart((client, b"", END_OF_REPLAY, b""))
+                sock.send_multipart((client, b"", self.topic, s.to_bytes(8, "big"), p))
+            sock.send_multipart((client, b"", b"", END_OF_REPLAY, b""))
 
     def close(self) -> None:
         self._stop.set()

@@ -38,6 +38,11 @@ class EventsSettings:
     #: How long a pod stays marked "rebuilding" after its index was cleared for lost events
     #: (or until it reports AllBlocksCleared, which makes our view exact again).
     rebuild_window_s: float = 60.0
+    #: A feed is "silent" when the engine's own counters (`/metrics` prefix-cache queries minus
+    #: hits: tokens it computed) grew by `silent_after_blocks` blocks and no batch arrived for
+    #: `silent_after_s` since — events were due and did not come (an events-only outage).
+    silent_after_s: float = 5.0
+    silent_after_blocks: int = 2
 
     def __post_init__(self) -> None:
         if self.mode not in ("bind", "connect"):
@@ -49,6 +54,8 @@ class EventsSettings:
             "batches_per_turn",
             "slice_budget_ms",
             "rcvhwm",
+            "silent_after_s",
+            "silent_after_blocks",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"events.{name} must be > 0, got {getattr(self, name)!r}")

@@ -12,6 +12,16 @@ Sequence rules (vLLM numbers batches 0, 1, 2, ... per publisher):
   cover — buffer overrun, timeout, no replay endpoint — makes the pod's index unknown: it is
   cleared and marked rebuilding, and applying continues from the live stream;
 - seq < expected: the publisher restarted (its seq went back), same reset.
+
+Replay answers come in vLLM 0.32's form — after the DEALER's empty delimiter, the live
+stream's three frames `[topic, seq, payload]`, ended by `[b"", END_OF_REPLAY, b""]` — or in
+the two-frame form `[seq, payload]` / `[END_OF_REPLAY, b""]` of older releases (and of
+kvroute's publisher before it followed 0.32).
+
+Per pod it keeps what an operator needs to see a silent feed (`feed_state`): when the last
+live batch arrived, its sequence number and, in connect mode, whether the TCP connection to
+the pod's PUB is up. `pod_restarted` forgets a pod's sequence and clears its blocks when
+something else (health, metrics) shows the engine restarted.
 """
 
 from __future__ import annotations
@@ -19,11 +29,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from router.events.ingest import EventStats, KVEventIngester
 from router.events.publisher import END_OF_REPLAY
@@ -41,6 +53,21 @@ class _Stream:
     held: list[tuple[int, bytes]] = field(default_factory=list)
     #: Set when we gave up on the replay ourselves (as opposed to shutdown cancelling it).
     abandoned: bool = False
+
+
+@dataclass(slots=True)
+class FeedState:
+    """What the subscriber last heard from one pod (live batches only, not replays)."""
+
+    #: Monotonic time of the last live batch (None = none yet).
+    last_event_at: float | None = None
+    #: Wall-clock time of the same batch (compared with an engine's process start time).
+    last_event_wall: float | None = None
+    last_seq: int | None = None
+    batches: int = 0
+    #: Connect mode: the TCP connection to the pod's PUB is up. Bind mode: None (one SUB
+    #: socket serves every pod; ZMQ does not say which peer is which).
+    connected: bool | None = None
 
 
 def parse_topic(topic: bytes) -> tuple[str, str | None] | None:
@@ -83,6 +110,8 @@ class KVEventSubscriber:
         self.models: dict[str, str] = {}
         #: The address actually bound in bind mode (resolves port 0 / wildcards).
         self.endpoint: str | None = None
+        self._feeds: dict[str, FeedState] = {}
+        self._monitors: dict[str, tuple[zmq.asyncio.Socket, asyncio.Task[None]]] = {}
 
     # ---------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -97,6 +126,7 @@ class KVEventSubscriber:
     async def close(self) -> None:
         """Stop every task, then close every socket (and the context if we made it)."""
         tasks = [*self._tasks, *(task for _, task in self._pod_sockets.values())]
+        tasks += [task for _, task in self._monitors.values()]
         tasks += [s.replay for s in self._streams.values() if s.replay is not None]
         for t in tasks:
             t.cancel()
@@ -139,6 +169,7 @@ class KVEventSubscriber:
                 return
             self._close_pod_socket(pod)
         sock = self._sub_socket("")
+        self._watch_connection(pod, sock)
         sock.connect(endpoint)
         task = asyncio.create_task(self._receive(sock, pod), name=f"kv-sub-{pod}")
         self._pod_sockets[pod] = (sock, task)
@@ -152,6 +183,7 @@ class KVEventSubscriber:
             if stream.replay is not None:
                 stream.replay.cancel()
         self.models.pop(pod, None)
+        self._feeds.pop(pod, None)
         self.ingester.forget_pod(pod)
 
     def attach(self, registry: PodRegistry) -> None:
@@ -174,11 +206,57 @@ class KVEventSubscriber:
             self.remove_pod(name)
 
     def _close_pod_socket(self, pod: str) -> None:
+        monitor = self._monitors.pop(pod, None)
+        if monitor is not None:
+            monitor[1].cancel()
         entry = self._pod_sockets.pop(pod, None)
         if entry is not None:
             sock, task = entry
             task.cancel()
+            with contextlib.suppress(zmq.ZMQError):
+                sock.disable_monitor()
             sock.close(0)
+        if monitor is not None:
+            monitor[0].close(0)
+
+    def _watch_connection(self, pod: str, sock: zmq.asyncio.Socket) -> None:
+        """Connect mode: follow the socket's TCP connection to the pod (ZMQ socket monitor)."""
+        state = self.feed_state(pod)
+        state.connected = False
+        mon = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        task = asyncio.create_task(self._follow_monitor(mon, state), name=f"kv-mon-{pod}")
+        self._monitors[pod] = (mon, task)
+
+    async def _follow_monitor(self, mon: zmq.asyncio.Socket, state: FeedState) -> None:
+        while True:
+            try:
+                frames = await mon.recv_multipart()
+            except zmq.ZMQError:
+                return
+            event = parse_monitor_message(frames)["event"]
+            if event == zmq.EVENT_CONNECTED:
+                state.connected = True
+            elif event == zmq.EVENT_DISCONNECTED:
+                state.connected = False
+
+    # ---------------------------------------------------------------- feed state
+    def feed_state(self, pod: str) -> FeedState:
+        state = self._feeds.get(pod)
+        if state is None:
+            state = self._feeds[pod] = FeedState()
+        return state
+
+    def pod_restarted(self, pod: str, reason: str) -> None:
+        """The engine behind `pod` restarted (its cache is empty): clear its blocks, forget its
+        sequence (the new engine counts from 0) and any replay in flight."""
+        for stream in [s for s in self._streams.values() if s.pod == pod]:
+            if stream.replay is not None:
+                task, stream.replay = stream.replay, None
+                task.cancel()
+            stream.held = []
+            stream.abandoned = False
+            stream.expected = None
+        self.ingester.reset_pod(pod, reason)
 
     def _sub_socket(self, topic_filter: str) -> zmq.asyncio.Socket:
         sock = self._ctx.socket(zmq.SUB)
@@ -227,6 +305,14 @@ class KVEventSubscriber:
 
     def on_message(self, stream: _Stream, seq: int, payload: bytes) -> None:
         """Sequence check for one live message, then queue it (or hold it during a replay)."""
+        state = self.feed_state(stream.pod)
+        state.last_event_at = time.monotonic()
+        state.last_event_wall = time.time()
+        state.last_seq = seq
+        state.batches += 1
+        self._on_message(stream, seq, payload)
+
+    def _on_message(self, stream: _Stream, seq: int, payload: bytes) -> None:
         if stream.replay is not None:
             stream.held.append((seq, payload))
             if len(stream.held) > self.settings.max_held_during_replay and not stream.abandoned:
@@ -280,6 +366,9 @@ class KVEventSubscriber:
                 frames = await sock.recv_multipart()
                 if frames and frames[0] == b"":
                     frames = frames[1:]
+                # vLLM 0.32: [topic, seq, payload]; older: [seq, payload].
+                if len(frames) == 3:
+                    frames = frames[1:]
                 if len(frames) != 2 or len(frames[0]) != 8:
                     self.stats.malformed_messages += 1
                     continue
@@ -328,4 +417,4 @@ class KVEventSubscriber:
         for seq, payload in held:
             if stream.expected is not None and seq < stream.expected:
                 continue  # the replay already delivered it
-            self.on_message(stream, seq, payload)
+            self._on_message(stream, seq, payload)

@@ -1,4 +1,5 @@
-"""vLLM's KV-event wire structs (the array form older vLLM releases put on the wire).
+"""vLLM's KV-event wire structs (the array form older vLLM releases put on the wire; the map
+form of newer ones, e.g. v0.28 and v0.32, below).
 
 Field order matters: with `array_like=True` a struct is a msgpack array in declaration order,
 and `tag=True` puts the class name first, e.g. `["BlockStored", [h1, h2], parent, [...], 16,
@@ -33,11 +34,19 @@ class BlockStored(KVCacheEvent):
     lora_name: str | None = None
     #: One entry per block (multimodal hashes, cache salt) in recent vLLM; opaque to us.
     extra_keys: list[Any] | None = None
+    #: KV-cache group of a hybrid model (e.g. full attention + sliding window); None = the
+    #: engine does not say (one group). vLLM >= 0.32.
+    group_idx: int | None = None
+    #: The group's kind: "full_attention", "sliding_window", "mamba", ... (vLLM's
+    #: `KVCacheSpecKind`); only stored events carry it.
+    kv_cache_spec_kind: str | None = None
+    kv_cache_spec_sliding_window: int | None = None
 
 
 class BlockRemoved(KVCacheEvent):
     block_hashes: list[EngineHash]
     medium: str | None = None
+    group_idx: int | None = None
 
 
 class AllBlocksCleared(KVCacheEvent):
@@ -54,10 +63,10 @@ class KVEventBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False
 
 
 # ------------------------------------------------------------------------------------- map form
-# Newer vLLM releases (e.g. v0.28) drop `array_like` from the events but not from the batch: on
-# the wire a batch is still `[ts, [event...], dp_rank]`, and each event is a map whose "type" key
-# names the class, with the other keys named after the fields. The map structs subclass the
-# array ones, so `isinstance(event, BlockStored)` holds for either form.
+# Newer vLLM releases (e.g. v0.28, v0.32) drop `array_like` from the events but not from the
+# batch: on the wire a batch is still `[ts, [event...], dp_rank]`, and each event is a map
+# whose "type" key names the class, with the other keys named after the fields. The map
+# structs subclass the array ones, so `isinstance(event, BlockStored)` holds for either form.
 
 
 class BlockStoredMap(BlockStored, array_like=False, tag_field="type", tag="BlockStored"):

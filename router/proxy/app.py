@@ -32,17 +32,17 @@ from router.proxy.errors import UpstreamFailure
 from router.proxy.forward import Forwarder
 from router.proxy.health import HealthProber
 from router.proxy.metrics import ProxyMetrics
-from router.proxy.relay import Receive, Scope, Send
+from router.proxy.relay import Receive, Scope, Send, send_error
 from router.proxy.settings import ProxySettings
 from router.proxy.upstream import Upstream
-from router.request import ChatTemplate, RequestError
+from router.request import ChatTemplate, RequestError, path_action
 from router.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
-INFERENCE_PATHS = frozenset(
-    {"/v1/completions", "/v1/chat/completions", "/completions", "/chat/completions"}
-)
+#: The router's own endpoints (never forwarded); every other path follows the request
+#: path policy (`router.request.path_action`): routed paths go to a pod, the rest get 404.
+CONTROL_PATHS = frozenset({"/health", "/ready", "/metrics", "/debug/pods"})
 
 
 class ProxyApp:
@@ -66,6 +66,7 @@ class ProxyApp:
             chat_template = ChatTemplate.beside_tokenizer(config.blocks.tokenizer_path)
         self.chat_template = chat_template
         self.feeds = FleetFeeds(config, registry, config_path)
+        self.metrics.registry.register(self.feeds)  # per-pod KV-event feed gauges
         self.registry = self.feeds.registry
         self.scheduler = Scheduler(config, self.registry, precise_index=self.feeds.precise_index)
         self.forwarder: Forwarder | None = None
@@ -76,12 +77,15 @@ class ProxyApp:
 
     # ------------------------------------------------------------------ ASGI
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] == "http"
-            and scope["path"] in INFERENCE_PATHS
-            and scope["method"] == "POST"
-            and self.forwarder is not None
-        ):
+        if scope["type"] != "http" or scope["path"] in CONTROL_PATHS:
+            await self.api(scope, receive, send)
+            return
+        try:
+            action = path_action(scope["method"], scope["path"], self.config.request)
+        except RequestError as err:
+            await send_error(send, err)
+            return
+        if action == "route" and self.forwarder is not None:
             await self.forwarder(scope, receive, send)
             return
         await self.api(scope, receive, send)
@@ -155,7 +159,7 @@ class ProxyApp:
         async def debug_pods() -> dict[str, Any]:
             return {"pods": self.pod_report()}
 
-        @api.get("/v1/models")
+        @api.api_route("/v1/models", methods=["GET", "HEAD"])
         async def models() -> dict[str, Any]:
             return {"object": "list", "data": await self.models()}
 
@@ -193,10 +197,14 @@ class ProxyApp:
                         "kv_utilization": p.metrics.kv_utilization,
                         "age_s": None if age == float("inf") else round(age, 3),
                         "stale": p.metrics.stale,
+                        "process_start_time": p.metrics.process_start_time,
+                        "prefix_cache_queries": p.metrics.prefix_cache_queries,
+                        "prefix_cache_hits": p.metrics.prefix_cache_hits,
                     },
                     "inflight_requests": p.inflight_requests,
                     "inflight_prefill_tokens": p.inflight_prefill_tokens,
                     "index_blocks": sizes.get(p.endpoint, 0),
+                    "kv_events": self.feeds.feed_report(p.endpoint),
                 }
             )
         return out

@@ -43,6 +43,7 @@ from router.request import (
     RequestSettings,
     RoutingRequest,
     parse_request,
+    strip_router_fields,
 )
 from router.scheduler import Decision, Scheduler
 from router.tokenize_worker import TokenizeWorker
@@ -106,6 +107,12 @@ class Forwarder:
                 self.adapters,
                 now=self.scheduler.clock(),
             )
+            # Router-only fields (kv_transfer_params...) never come from a client.
+            stripped = strip_router_fields(req.body, self.request_settings.strip_fields)
+            if stripped:
+                for name in stripped:
+                    self.metrics.stripped_fields.labels(name).inc()
+                raw = _encode(req.body)
             model = req.model if req.model in self._known_models() else "other"
             debug = hdrs.get(self._debug_header) == "1"
             watch = ClientWatch(receive)
@@ -306,6 +313,13 @@ class Forwarder:
 _encode = msgspec.json.encode
 
 
+def _details(details: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """A scorer's own figures (e.g. predicted TTFT and its parts, seconds), when it gives them."""
+    if not details:
+        return {}
+    return {"details": {n: {k: round(v, 4) for k, v in d.items()} for n, d in details.items()}}
+
+
 def _decision_summary(d: Decision, top: int = 3) -> bytes:
     """The `x-kvroute-decision` header: pick, prefill pick, profile and the best scores."""
     main = d.results.get(d.profile)
@@ -317,6 +331,7 @@ def _decision_summary(d: Decision, top: int = 3) -> bytes:
             "profile": d.profile,
             "top": [
                 {"pod": s.endpoint, "score": round(s.total, 4), "hit": round(s.prefix_hit, 4)}
+                | _details(s.details)
                 for s in pods
             ],
         }

@@ -36,6 +36,12 @@ class ProxyMetrics:
             ["reason"],
             registry=r,
         )
+        self.stripped_fields = Counter(
+            f"{prefix}_stripped_fields",
+            "Router-only body fields a client sent, removed before forwarding, by field.",
+            ["field"],
+            registry=r,
+        )
         self.client_disconnects = Counter(
             f"{prefix}_client_disconnects",
             "Clients that left before the answer ended.",

@@ -11,11 +11,20 @@ Policies:
 - ``round-robin``: pods taken in turn (`round-robin-picker`).
 - ``least-queue``: fewest waiting requests (scraped, 100 ms stale) plus fewest requests the
   router has in flight there (immediate).
-- ``prefix-approx``: GAIE/llm-d's default mix — prefix-cache-scorer on the approximate index
-  the scheduler fills from its own picks (3), queue (2), KV utilization (2).
-- ``prefix-precise``: the same mix on the precise index fed by the engines' KV events.
-- ``kvroute-default``: the router's default profile (`router.config.DEFAULT_PLUGINS_YAML`:
-  precise prefix + uncached-tokens load + KV utilization + queue).
+- ``llm-d-default`` (alias ``prefix-approx``): llm-d's default profile (the
+  `inference-scheduling` guide) — prefix-cache-scorer on the approximate index the scheduler
+  fills from its own picks (3; at most 256 blocks matched, as llm-d hashes at most 256),
+  queue (2), KV utilization (2).
+- ``llm-d-precise`` (alias ``prefix-precise``): llm-d's `precise-prefix-cache-aware` guide —
+  precise-prefix-cache-scorer on the index fed by the engines' KV events (2), KV utilization
+  (1), queue (1).
+- ``sglang-cache-aware``: sglang-router's `cache_aware` (`scorers.sglang_cache_aware`, its CLI
+  defaults); reads no block index (its own character tree).
+- ``vllm-kv-aware``: vllm-router's `kv_aware` (`scorers.vllm_kv_aware`) on the precise index.
+- ``dynamo-kv-cost``: Dynamo's KV-router block cost (`scorers.dynamo_kv_cost`) on the precise
+  index.
+- ``kvroute-default``: the router's default profile (`router.config.DEFAULT_PLUGINS_YAML`)
+  on the precise index.
 - ``oracle-pooled``: routes like ``least-queue``; the runner gives it one KV cache pool shared
   by every pod (see `router.sim.runner`), so its hit rate is what the fleet's total KV capacity
   can attain.
@@ -38,10 +47,20 @@ POLICIES: tuple[str, ...] = (
     "prefix-precise",
     "kvroute-default",
     "oracle-pooled",
+    "sglang-cache-aware",
+    "vllm-kv-aware",
+    "dynamo-kv-cost",
+    "llm-d-default",
+    "llm-d-precise",
 )
 
-#: Policies whose prefix scorers read the precise (KV-event) index.
-PRECISE_POLICIES = frozenset({"prefix-precise", "kvroute-default"})
+#: Policies that are another policy under an older name (same config, same results).
+ALIASES = {"prefix-approx": "llm-d-default", "prefix-precise": "llm-d-precise"}
+
+#: Policies whose plugins read the precise (KV-event) index.
+PRECISE_POLICIES = frozenset(
+    {"prefix-precise", "llm-d-precise", "kvroute-default", "vllm-kv-aware", "dynamo-kv-cost"}
+)
 #: Policies the runner gives a fleet-wide shared KV cache.
 POOLED_POLICIES = frozenset({"oracle-pooled"})
 
@@ -58,19 +77,23 @@ _PLUGINS: dict[str, list[_Plugin]] = {
     "random": [("random-picker", {}, None)],
     "round-robin": [("round-robin-picker", {}, None)],
     "least-queue": _LEAST_QUEUE,
-    "prefix-approx": [
-        ("prefix-cache-scorer", {"mode": "approximate"}, 3.0),
+    "llm-d-default": [
+        ("prefix-cache-scorer", {"mode": "approximate", "maxPrefixBlocksToMatch": 256}, 3.0),
         ("queue-scorer", {}, 2.0),
         ("kv-cache-utilization-scorer", {}, 2.0),
         ("max-score-picker", {}, None),
     ],
-    "prefix-precise": [
-        ("precise-prefix-cache-scorer", {}, 3.0),
-        ("queue-scorer", {}, 2.0),
-        ("kv-cache-utilization-scorer", {}, 2.0),
+    "llm-d-precise": [
+        ("precise-prefix-cache-scorer", {}, 2.0),
+        ("kv-cache-utilization-scorer", {}, 1.0),
+        ("queue-scorer", {}, 1.0),
         ("max-score-picker", {}, None),
     ],
     "oracle-pooled": _LEAST_QUEUE,
+    # The peers' decision procedures: the scorer gives its pick 1, the others 0.
+    "sglang-cache-aware": [("sglang-cache-aware", {}, 1.0), ("max-score-picker", {}, None)],
+    "vllm-kv-aware": [("vllm-kv-aware", {}, 1.0), ("max-score-picker", {}, None)],
+    "dynamo-kv-cost": [("dynamo-kv-cost", {}, 1.0), ("max-score-picker", {}, None)],
 }
 
 #: Policies without a prefix scorer name the precise index, which nothing feeds for them: the
@@ -79,11 +102,19 @@ _INDEX_MODE = {
     "random": "precise",
     "round-robin": "precise",
     "least-queue": "precise",
-    "prefix-approx": "approximate",
-    "prefix-precise": "precise",
+    "llm-d-default": "approximate",
+    "llm-d-precise": "precise",
     "kvroute-default": "precise",
     "oracle-pooled": "precise",
+    "sglang-cache-aware": "precise",  # reads only its own character tree
+    "vllm-kv-aware": "precise",
+    "dynamo-kv-cost": "precise",
 }
+
+
+#: The peers that keep no pending entries of the scheduler's in the precise index: vllm-router
+#: keeps its own 2 s speculative inserts (in its plugin), Dynamo sees only KV events.
+_NO_PENDING = frozenset({"vllm-kv-aware", "dynamo-kv-cost"})
 
 
 def _default_plugins() -> list[_Plugin]:
@@ -126,10 +157,14 @@ def policy_config(
     """
     if name not in POLICIES:
         raise ValueError(f"unknown policy {name!r}; known: {', '.join(POLICIES)}")
-    plugins = _default_plugins() if name == "kvroute-default" else _PLUGINS[name]
+    base = ALIASES.get(name, name)
+    plugins = _default_plugins() if base == "kvroute-default" else _PLUGINS[base]
     doc: dict = {
         "seed": seed,
-        "prefix_index": {"mode": _INDEX_MODE[name]},
+        "prefix_index": {
+            "mode": _INDEX_MODE[base],
+            **({"pending_ttl_s": None} if base in _NO_PENDING else {}),
+        },
         "plugins": [{"type": t, **({"parameters": p} if p else {})} for t, p, _ in plugins],
     }
     if disaggregated:

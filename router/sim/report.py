@@ -8,7 +8,14 @@ Owns the definition of every reported figure:
   requests with at least 2 output tokens; E2E = finish − arrival. Percentiles are numpy's
   linear interpolation.
 - `output_tokens_per_s` = output tokens / makespan (first arrival → last finish);
-  `per_gpu_tokens_per_s` divides that by the fleet's GPUs (pods × TP).
+  `per_gpu_tokens_per_s` divides that by the fleet's GPUs (pods × TP); `requests_per_s` =
+  completed requests / makespan. `ttft_mean_s` and `ttft_p90_s` sit beside the percentiles.
+- Arrival = when the client sent the request. With a cap on outstanding requests
+  (`--max-outstanding`) a request due while the cap is reached waits on the client first;
+  that wait is not in TTFT (as inference-perf and guidellm measure) but is reported as
+  `client_wait_mean_s`.
+- Warm-up: requests *scheduled* before `warmup_s` are left out of every figure (they still
+  ran and warmed the caches); the makespan then starts at the first measured arrival.
 - `imbalance` = max / mean engine busy time (sum of step durations) over the pods of one role,
   the worst role when a fleet has several (prefill and decode pods are not comparable).
 - `hit_rate_vs_oracle` = hit_rate / the `oracle-pooled` policy's hit rate in the same workload.
@@ -39,6 +46,8 @@ class RequestRecord:
     prompt_tokens: int
     cached_tokens: int
     output_tokens: int
+    #: When the workload scheduled it (≤ arrival_s; earlier when the client cap held it).
+    scheduled_s: float | None = None
 
 
 @dataclass(slots=True)
@@ -70,6 +79,12 @@ class PolicyResult:
     gpus: int
     makespan_s: float
     hit_rate_vs_oracle: float | None = None
+    ttft_mean_s: float = 0.0
+    ttft_p90_s: float = 0.0
+    requests_per_s: float = 0.0
+    client_wait_mean_s: float = 0.0
+    #: Requests left out of the figures as warm-up.
+    warmup_requests: int = 0
     #: Not in the JSON: kept for charts.
     ttfts: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
     records: list[RequestRecord] = field(default_factory=list, repr=False)
@@ -91,6 +106,8 @@ _JSON_FIELDS = (
     "ttft_p50_s",
     "ttft_p95_s",
     "ttft_p99_s",
+    "ttft_mean_s",
+    "ttft_p90_s",
     "tpot_p50_s",
     "tpot_p95_s",
     "e2e_p50_s",
@@ -100,6 +117,9 @@ _JSON_FIELDS = (
     "preemptions",
     "gpus",
     "makespan_s",
+    "requests_per_s",
+    "client_wait_mean_s",
+    "warmup_requests",
 )
 
 
@@ -110,11 +130,22 @@ class WorkloadResult:
     description: str
     policies: list[PolicyResult]
     concurrency: int | None = None
+    #: Sweep point of an open-loop rate (`--rate a,b,...`) or trace speedup (`--speedup`).
+    rate_per_s: float | None = None
+    speedup: float | None = None
+    max_outstanding: int | None = None
+    warmup_s: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "fleet": self.fleet}
         if self.concurrency is not None:
             out["concurrency"] = self.concurrency
+        for key in ("rate_per_s", "speedup", "max_outstanding"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = _round(value)
+        if self.warmup_s:
+            out["warmup_s"] = _round(self.warmup_s)
         out["policies"] = [p.to_json() for p in self.policies]
         return out
 
@@ -127,15 +158,27 @@ def _round(v: Any) -> Any:
     return v
 
 
+def _scheduled(r: RequestRecord) -> float:
+    return r.arrival_s if r.scheduled_s is None else r.scheduled_s
+
+
 def _pct(values: np.ndarray, q: float) -> float:
     return float(np.percentile(values, q)) if len(values) else 0.0
 
 
 def summarize(
-    name: str, records: Sequence[RequestRecord], pods: Sequence[PodUsage]
+    name: str,
+    records: Sequence[RequestRecord],
+    pods: Sequence[PodUsage],
+    warmup_s: float = 0.0,
 ) -> PolicyResult:
-    """Figures of one policy's run from its completed requests and its pods' usage."""
+    """Figures of one policy's run from its completed requests and its pods' usage; requests
+    scheduled before `warmup_s` are left out."""
+    total = len(records)
+    if warmup_s > 0:
+        records = [r for r in records if _scheduled(r) >= warmup_s]
     n = len(records)
+    sched = np.fromiter((_scheduled(r) for r in records), float, n)
     arrival = np.fromiter((r.arrival_s for r in records), float, n)
     first = np.fromiter((r.first_token_s for r in records), float, n)
     finish = np.fromiter((r.finish_s for r in records), float, n)
@@ -173,6 +216,11 @@ def summarize(
         preemptions=sum(p.preemptions for p in pods),
         gpus=gpus,
         makespan_s=makespan,
+        ttft_mean_s=float(ttft.mean()) if n else 0.0,
+        ttft_p90_s=_pct(ttft, 90),
+        requests_per_s=n / makespan if makespan > 0 else 0.0,
+        client_wait_mean_s=float((arrival - sched).mean()) if n else 0.0,
+        warmup_requests=total - n,
         ttfts=np.sort(ttft),
         records=list(records),
     )
@@ -197,17 +245,35 @@ _COLUMNS = (
     ("prompt tok", "prompt_tokens", "{:,d}"),
     ("hit", "hit_rate", "{:.1%}"),
     ("hit/orc", "hit_rate_vs_oracle", "{:.0%}"),
-    ("TTFT p50", "ttft_p50_s", "{:.3f}"),
+    ("TTFT mean", "ttft_mean_s", "{:.3f}"),
+    ("p50", "ttft_p50_s", "{:.3f}"),
+    ("p90", "ttft_p90_s", "{:.3f}"),
     ("p95", "ttft_p95_s", "{:.3f}"),
     ("p99", "ttft_p99_s", "{:.3f}"),
     ("TPOT p50", "tpot_p50_s", "{:.4f}"),
     ("p95", "tpot_p95_s", "{:.4f}"),
     ("E2E p50", "e2e_p50_s", "{:.2f}"),
     ("out tok/s", "output_tokens_per_s", "{:,.0f}"),
+    ("req/s", "requests_per_s", "{:.2f}"),
     ("tok/s/GPU", "per_gpu_tokens_per_s", "{:,.0f}"),
     ("imbal", "imbalance", "{:.2f}"),
     ("preempt", "preemptions", "{:d}"),
 )
+
+
+def _load_label(r: WorkloadResult) -> str:
+    parts = []
+    if r.concurrency:
+        parts.append(f"concurrency {r.concurrency}")
+    if r.rate_per_s is not None:
+        parts.append(f"rate {r.rate_per_s:g} req/s")
+    if r.speedup is not None:
+        parts.append(f"speedup {r.speedup:g}")
+    if r.max_outstanding is not None:
+        parts.append(f"max outstanding {r.max_outstanding}")
+    if r.warmup_s:
+        parts.append(f"warm-up {r.warmup_s:g}s excluded")
+    return "".join(f", {p}" for p in parts)
 
 
 def format_table(results: Sequence[WorkloadResult]) -> str:
@@ -229,8 +295,7 @@ def format_table(results: Sequence[WorkloadResult]) -> str:
             )
             for row in rows
         ]
-        conc = f", concurrency {r.concurrency}" if r.concurrency else ""
-        title = f"workload {r.name} ({r.description}) on fleet {r.fleet}{conc}"
+        title = f"workload {r.name} ({r.description}) on fleet {r.fleet}{_load_label(r)}"
         blocks.append("\n".join([title, *lines]))
     return "\n\n".join(blocks)
 
@@ -258,6 +323,19 @@ def _throughput_by_concurrency(
             overlap = np.clip(np.minimum(hi, r.finish_s) - np.maximum(lo, r.first_token_s), 0, None)
             tokens += r.output_tokens * overlap / span
     return inflight / window_s, tokens / window_s
+
+
+def plotting_unavailable() -> str | None:
+    """Why `write_plots` cannot run here (matplotlib missing), or None; checked before a
+    long run so the user learns it up front, not after."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return (
+            "--plot needs matplotlib, which is not installed; install it with "
+            "`pip install matplotlib` (or `pip install 'kvroute[plot]'`), or drop --plot"
+        )
+    return None
 
 
 def write_plots(results: Sequence[WorkloadResult], directory: str | Path) -> list[Path]:

@@ -38,13 +38,28 @@ each engine's `cache` and wakes pods that found the pool full when another pod f
 Closed loop (`Workload.concurrency`): N requests are kept outstanding, issued in index order;
 a turn whose previous turn has not completed waits for it and is issued `think_s` after it
 completes, holding its slot while it "thinks".
+
+Open loop with a cap (`SimSettings.max_outstanding`, as inference-perf's worker pool and
+guidellm's concurrency limit behave): a request due while the cap is reached waits on the
+client, FIFO, and is sent when a request completes. TTFT counts from the send; the wait is
+reported apart (`client_wait_mean_s`). Without a cap queues grow without bound under overload.
+
+Router overhead (`SimSettings.router_overhead_s`): a request sent at t is scheduled (its
+decision taken, `on_pick` called) and handed to the engine at t + overhead, so it is in every
+TTFT. The default 1 ms stands for the router hop of a deployment (ext_proc gRPC round trip or
+proxy hop, plus tokenizing and scoring a prompt of a few thousand tokens); 0 disables it.
+
+Per-request log (`Simulation(..., log=callback)`): at each completion the callback gets one
+plain dict with the decision (pod, prefill pod, the picked pod's predicted prefix hit, each
+pod's scores) and the outcome (cached tokens, times).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import heapq
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +82,7 @@ from router.sim.fleet import FleetSpec
 from router.sim.kv_cache import KVCache
 from router.sim.latency import LatencyModel, Profile, load_profile
 from router.sim.policies import POLICIES, POOLED_POLICIES, PRECISE_POLICIES, policy_config
+from router.sim.policy_files import PolicyFile
 from router.sim.report import (
     PodUsage,
     PolicyResult,
@@ -84,6 +100,14 @@ _ARRIVE = 0
 _STEP = 1
 _KV = 2
 _SCRAPE = 3
+_ROUTE = 4
+
+#: A policy: a built-in name (`router.sim.policies.POLICIES`) or a router config file.
+PolicyRef = str | PolicyFile
+#: Called with the number of requests completed so far in the running simulation.
+ProgressFn = Callable[[int], None]
+#: Called with one request's decision and outcome (see the module doc).
+RequestLogFn = Callable[[dict[str, Any]], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,12 +118,28 @@ class SimSettings:
     kv_link_latency_s: float = 0.002
     kv_link_bandwidth_Bps: float = 25e9
     seed: int = 0
+    #: Seconds from a request's send to its decision and engine arrival (see module doc).
+    router_overhead_s: float = 0.001
+    #: Open loop: at most this many requests outstanding; None = no cap.
+    max_outstanding: int | None = None
+    #: Requests scheduled before this many seconds are left out of the figures; None = the
+    #: workload's own suggestion (`Workload.warmup_s`).
+    warmup_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.scrape_interval_s <= 0:
             raise ValueError("scrape_interval_s must be > 0")
         if self.pd_threshold < 0:
             raise ValueError("pd_threshold must be >= 0")
+        if self.router_overhead_s < 0:
+            raise ValueError("router_overhead_s must be >= 0")
+        if self.max_outstanding is not None and self.max_outstanding < 1:
+            raise ValueError("max_outstanding must be >= 1")
+        if self.warmup_s is not None and self.warmup_s < 0:
+            raise ValueError("warmup_s must be >= 0")
+
+    def warmup_for(self, workload: Workload) -> float:
+        return workload.warmup_s if self.warmup_s is None else self.warmup_s
 
 
 @dataclass(slots=True)
@@ -124,6 +164,8 @@ class _Flight:
     arrival_s: float
     decision: Decision
     keys: list[int]
+    #: When the workload scheduled it (open loop: `Arrival.time_s`; closed loop: the send).
+    scheduled_s: float
     #: Prompt cache hits on the prefill pod (P/D remote prefill only).
     prefill_cached: int | None = None
 
@@ -167,8 +209,18 @@ def plan_fleet(fleet: FleetSpec, default_profile: str | Profile) -> FleetPlan:
 
 
 def prompt_keys(workload: Workload, block_size: int) -> list[list[int]]:
-    """Each arrival's chained block keys (what the router and the engines key prompts by)."""
-    return [token_block_keys(a.token_ids, block_size) for a in workload.arrivals]
+    """Each arrival's chained block keys (what the router and the engines key prompts by).
+
+    Arrivals sharing one token array (a recurring prompt) share one key list.
+    """
+    memo: dict[int, list[int]] = {}
+    out = []
+    for a in workload.arrivals:
+        keys = memo.get(id(a.token_ids))
+        if keys is None:
+            keys = memo[id(a.token_ids)] = token_block_keys(a.token_ids, block_size)
+        out.append(keys)
+    return out
 
 
 class _ClosedLoop:
@@ -221,29 +273,40 @@ class Simulation:
         self,
         workload: Workload,
         plan: FleetPlan,
-        policy: str,
+        policy: PolicyRef,
         settings: SimSettings = SimSettings(),
         keys: list[list[int]] | None = None,
+        progress: ProgressFn | None = None,
+        log: RequestLogFn | None = None,
     ) -> None:
-        if policy not in POLICIES:
+        if not isinstance(policy, PolicyFile) and policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; known: {', '.join(POLICIES)}")
         self.workload = workload
-        self.policy = policy
+        self.policy = policy.name if isinstance(policy, PolicyFile) else policy
         self.settings = settings
+        self._progress = progress
+        self._log = log
+        self._overhead = settings.router_overhead_s
         self.now = 0.0
         bs = plan.block_size
         self.keys = keys if keys is not None else prompt_keys(workload, bs)
         disaggregated = any(role is not Role.BOTH for _, role, _ in plan.pods)
         self.disaggregated = disaggregated
         self.registry = PodRegistry()
-        config = policy_config(
-            policy,
-            block_size=bs,
-            disaggregated=disaggregated,
-            pd_threshold=settings.pd_threshold,
-            seed=settings.seed,
-        )
-        self.precise = policy in PRECISE_POLICIES
+        if isinstance(policy, PolicyFile):
+            config = policy.config_for(
+                block_size=bs, disaggregated=disaggregated, seed=settings.seed
+            )
+            self.precise = policy.reads_precise_index(block_size=bs, disaggregated=disaggregated)
+        else:
+            config = policy_config(
+                policy,
+                block_size=bs,
+                disaggregated=disaggregated,
+                pd_threshold=settings.pd_threshold,
+                seed=settings.seed,
+            )
+            self.precise = policy in PRECISE_POLICIES
         precise_index = BlockIndex() if self.precise else None
         self.ingester = (
             KVEventIngester(
@@ -254,7 +317,7 @@ class Simulation:
         )
         self.pods: dict[str, _PodState] = {}
         latencies: dict[Profile, LatencyModel] = {}
-        self.pooled = policy in POOLED_POLICIES
+        self.pooled = self.policy in POOLED_POLICIES and not isinstance(policy, PolicyFile)
         shared = None
         if self.pooled:
             total = sum(
@@ -288,6 +351,12 @@ class Simulation:
         )
         self._next_arrival = 0  # open loop
         self._completed = 0
+        #: Open loop: requests sent and not complete; those due while the cap was reached.
+        self._cap = settings.max_outstanding if workload.concurrency is None else None
+        self._outstanding = 0
+        self._backlog: deque[int] = deque()
+        #: Route times of requests sent but not yet routed (FIFO, non-decreasing).
+        self._routing: deque[float] = deque()
         #: Pooled cache: pods with queued work that found no free KV blocks (woken when any
         #: pod frees blocks).
         self._stalled: dict[str, _PodState] = {}
@@ -325,7 +394,7 @@ class Simulation:
         self._push(0.0, _SCRAPE, None)  # first, so requests at t=0 see a scraped fleet
         if self._closed is not None:
             for t, idx in self._closed.issue(0.0):
-                self._push(t, _ARRIVE, idx)
+                self._send(idx, t, t)
         elif arrivals:
             self._push(arrivals[0].time_s, _ARRIVE, 0)
         heap = self._heap
@@ -340,6 +409,8 @@ class Simulation:
             elif kind == _KV:
                 assert self.ingester is not None
                 self.ingester.apply_events(payload[0], payload[1])
+            elif kind == _ROUTE:
+                self._on_route(payload[0], payload[1], payload[2], t)
             elif kind == _ARRIVE:
                 self._on_arrival(payload, t)
             elif self._completed < total:  # scrape, while anything is left to do
@@ -357,7 +428,9 @@ class Simulation:
             usage.append(
                 PodUsage(ps.endpoint, ps.role.value, ps.gpus, m.busy_time_s, m.preemptions)
             )
-        return summarize(self.policy, self._records, usage)
+        if self._progress is not None:
+            self._progress(self._completed)
+        return summarize(self.policy, self._records, usage, self.settings.warmup_for(self.workload))
 
     def _stuck_message(self) -> str:
         """Nothing is scheduled but requests remain: an engine waits for space that no
@@ -394,10 +467,15 @@ class Simulation:
         """
         if ps.pulls:
             return None
-        if self._closed is None and not (self.disaggregated and ps.role is Role.DECODE):
+        if (
+            self._closed is None
+            and not self._backlog
+            and not (self.disaggregated and ps.role is Role.DECODE)
+        ):
             arrivals = self.workload.arrivals
             i = self._next_arrival
-            return arrivals[i].time_s if i < len(arrivals) else float("inf")
+            nxt = arrivals[i].time_s + self._overhead if i < len(arrivals) else float("inf")
+            return min(nxt, self._routing[0]) if self._routing else nxt
         return self._heap[0][0] if self._heap else float("inf")
 
     def _on_step(self, ps: _PodState, t: float) -> None:
@@ -430,11 +508,30 @@ class Simulation:
 
     # ------------------------------------------------------------------ face glue
     def _on_arrival(self, idx: int, t: float) -> None:
+        """Open loop: request `idx` is due on the client."""
         arrivals = self.workload.arrivals
+        self._next_arrival = idx + 1
+        if idx + 1 < len(arrivals):
+            self._push(arrivals[idx + 1].time_s, _ARRIVE, idx + 1)
+        if self._cap is not None and self._outstanding >= self._cap:
+            self._backlog.append(idx)
+            return
+        self._send(idx, t, t)
+
+    def _send(self, idx: int, t: float, scheduled: float) -> None:
+        """The client sends request `idx` at `t`; the router decides `router_overhead_s`
+        later (an event even when that is 0, so a completion's follow-up request is routed
+        after the step that completed it has been applied)."""
+        self._outstanding += 1
+        at = t + self._overhead
         if self._closed is None:
-            self._next_arrival = idx + 1
-            if idx + 1 < len(arrivals):
-                self._push(arrivals[idx + 1].time_s, _ARRIVE, idx + 1)
+            self._routing.append(at)
+        self._push(at, _ROUTE, (idx, t, scheduled))
+
+    def _on_route(self, idx: int, sent: float, scheduled: float, t: float) -> None:
+        if self._closed is None:
+            self._routing.popleft()
+        arrivals = self.workload.arrivals
         a = arrivals[idx]
         keys = self.keys[idx]
         rid = str(idx)
@@ -445,13 +542,13 @@ class Simulation:
             max_tokens=a.output_len,
             session_key=a.session,
             request_id=rid,
-            arrival=t,
+            arrival=sent,
             block_keys=keys,
             token_count=len(a.token_ids),
         )
         decision = self.scheduler.schedule(req, now=t)
         self.scheduler.on_pick(decision, t)
-        self._flights[rid] = _Flight(a, t, decision, keys)
+        self._flights[rid] = _Flight(a, sent, decision, keys, scheduled)
         first = decision.prefill or decision.target
         ps = self.pods[first]
         ps.engine.add_request(self._sim_request(a, rid, t, keys), t)
@@ -528,17 +625,19 @@ class Simulation:
     def _complete(self, fr: FinishedRequest, t: float) -> None:
         f = self._flights.pop(fr.request_id)
         cached = fr.cached_tokens if f.prefill_cached is None else f.prefill_cached
-        self._records.append(
-            RequestRecord(
-                f.arrival.index,
-                f.arrival_s,
-                fr.first_token_at,
-                fr.finished_at,
-                fr.prompt_tokens,
-                cached,
-                fr.output_tokens,
-            )
+        record = RequestRecord(
+            f.arrival.index,
+            f.arrival_s,
+            fr.first_token_at,
+            fr.finished_at,
+            fr.prompt_tokens,
+            cached,
+            fr.output_tokens,
+            f.scheduled_s,
         )
+        self._records.append(record)
+        if self._log is not None:
+            self._log(self._log_entry(f, record))
         usage = {
             "prompt_tokens": fr.prompt_tokens,
             "completion_tokens": fr.output_tokens,
@@ -546,25 +645,87 @@ class Simulation:
         }
         self.scheduler.on_complete(f.decision, usage, t)
         self._completed += 1
+        self._outstanding -= 1
+        if self._progress is not None and not self._completed & 63:
+            self._progress(self._completed)
         if self._closed is not None:
             self._closed.complete(f.arrival.index, t)
             for at, idx in self._closed.issue(t):
-                self._push(at, _ARRIVE, idx)
+                self._send(idx, at, at)
+        elif self._backlog:
+            idx = self._backlog.popleft()
+            self._send(idx, t, self.workload.arrivals[idx].time_s)
+
+    def _log_entry(self, f: _Flight, rec: RequestRecord) -> dict[str, Any]:
+        d = f.decision
+        scheduled = rec.arrival_s if rec.scheduled_s is None else rec.scheduled_s
+        main = d.results.get(d.profile)
+        pods = []
+        predicted = 0.0
+        for s in main.pods if main else []:
+            pods.append(
+                {
+                    "endpoint": s.endpoint,
+                    "prefix_hit": round(s.prefix_hit, 6),
+                    "scores": {k: round(v, 6) for k, v in s.scores.items()},
+                    "total": round(s.total, 6),
+                }
+            )
+            if s.endpoint == (d.prefill or d.target):
+                predicted = s.prefix_hit
+        return {
+            "policy": self.policy,
+            "workload": self.workload.name,
+            "index": rec.index,
+            "session": f.arrival.session,
+            "pod": d.target,
+            "prefill_pod": d.prefill,
+            "scheduled_s": round(scheduled, 6),
+            "sent_s": round(rec.arrival_s, 6),
+            "first_token_s": round(rec.first_token_s, 6),
+            "finish_s": round(rec.finish_s, 6),
+            "ttft_s": round(rec.first_token_s - rec.arrival_s, 6),
+            "prompt_tokens": rec.prompt_tokens,
+            "output_tokens": rec.output_tokens,
+            "cached_tokens": rec.cached_tokens,
+            "predicted_hit": round(predicted, 6),
+            "predicted_uncached_tokens": d.uncached_tokens,
+            "actual_hit": round(rec.cached_tokens / rec.prompt_tokens, 6)
+            if rec.prompt_tokens
+            else 0.0,
+            "warmup": scheduled < self.settings.warmup_for(self.workload),
+            "pods": pods,
+        }
 
 
 def run_policies(
     workload: Workload,
     fleet: FleetSpec,
-    policies: Sequence[str],
+    policies: Sequence[PolicyRef],
     profile: str | Profile,
     settings: SimSettings = SimSettings(),
+    progress: Callable[[str, int], None] | None = None,
+    log: RequestLogFn | None = None,
 ) -> WorkloadResult:
-    """Run every policy on the same arrivals and fleet; figures in the order given."""
+    """Run every policy on the same arrivals and fleet; figures in the order given.
+
+    `progress(policy, completed)` is called as each policy's requests complete; `log` gets
+    every request's decision and outcome."""
     plan = plan_fleet(fleet, profile)
     keys = prompt_keys(workload, plan.block_size)
-    results = [Simulation(workload, plan, p, settings, keys).run() for p in policies]
+    results = []
+    for p in policies:
+        name = p.name if isinstance(p, PolicyFile) else p
+        cb = (lambda done, name=name: progress(name, done)) if progress else None
+        results.append(Simulation(workload, plan, p, settings, keys, cb, log).run())
     out = WorkloadResult(
-        workload.name, plan.description, workload.description, results, workload.concurrency
+        workload.name,
+        plan.description,
+        workload.description,
+        results,
+        workload.concurrency,
+        max_outstanding=settings.max_outstanding if workload.concurrency is None else None,
+        warmup_s=settings.warmup_for(workload),
     )
     attach_oracle_ratio(out)
     return out

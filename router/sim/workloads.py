@@ -10,6 +10,11 @@ registered by name in `WORKLOADS`:
 - ``agentic``: agent loops; a shared tool/instruction preamble and a task, then each step
   appends the model's tool call and the tool's (long) result to the context.
 - ``random``: independent prompts of random tokens; nothing to share.
+- ``llmd-kv-wins``: a re-creation of llm-d's "KV-cache wins you can see" benchmark
+  (inference-perf ``shared_prefix``: 150 groups × 6,000-token prefix, 5 users a group each with
+  a fixed 1,200-token question, 1,000 output tokens) on its load ladder: a 50 s warm-up at
+  15 req/s, then 3 → 60 req/s in 16 stages (the published stage durations). Its prompts are
+  the group × user prompts, shuffled once and cycled, as inference-perf sends them.
 
 Arrival modes:
 
@@ -93,6 +98,8 @@ class Workload:
     #: None = open loop at the arrivals' `time_s`; N = closed loop with N outstanding requests.
     concurrency: int | None = None
     description: str = ""
+    #: The workload's own suggested warm-up (seconds from its start excluded from figures).
+    warmup_s: float = 0.0
 
     @property
     def prompt_tokens(self) -> int:
@@ -138,6 +145,57 @@ class SharedPromptParams(WorkloadParams):
     #: Zipf exponent of group popularity; 0 = uniform.
     group_skew: float = 0.0
     output: LengthDistribution = LengthDistribution(128, 0.6, 8, 1024)
+    #: 0 = every request asks a fresh question. N > 0 = each group has N users, each with one
+    #: fixed question that recurs (inference-perf's ``num_prompts_per_group``): the G × N
+    #: prompts are shuffled once and sent in that order, cycling (`group_skew` is then unused).
+    users_per_group: int = 0
+    #: Open-loop load ladder of (requests/s, seconds) stages; empty = Poisson at `rate_per_s`
+    #: for `num_requests` requests. With stages, arrivals run until the last stage ends (at
+    #: most `num_requests` of them).
+    stages: tuple[tuple[float, float], ...] = ()
+    #: Multiplies every stage's duration (< 1 subsamples the ladder to keep runs short).
+    stage_scale: float = 1.0
+    #: Leading seconds a report should treat as warm-up (the ladder's warm-up stage).
+    warmup_s: float = 0.0
+
+
+#: llm-d's published ladder: (requests/s, seconds); the first stage is the warm-up that seats
+#: the 750 prompts ("KV-cache wins you can see", 2025-09-24, inference-perf config).
+LLMD_LADDER: tuple[tuple[float, float], ...] = (
+    (15.0, 50.0),
+    (3.0, 20.0),
+    (10.0, 20.0),
+    (15.0, 20.0),
+    (20.0, 38.0),
+    (22.0, 34.0),
+    (25.0, 30.0),
+    (30.0, 25.0),
+    (35.0, 21.0),
+    (40.0, 38.0),
+    (43.0, 36.0),
+    (46.0, 33.0),
+    (49.0, 30.0),
+    (52.0, 29.0),
+    (55.0, 27.0),
+    (57.0, 26.0),
+    (60.0, 25.0),
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LlmdKvWinsParams(SharedPromptParams):
+    """llm-d's "KV-cache wins you can see" shape: 150 × (6,000 + 5 × 1,200) = 1.8M distinct
+    prompt tokens, ~74% of 8 `qwen3-32b-h100-tp2` pods' KV cache (73.2% published)."""
+
+    groups: int = 150
+    system_tokens: int = 6000
+    question: LengthDistribution = LengthDistribution(1200)
+    users_per_group: int = 5
+    output: LengthDistribution = LengthDistribution(1000)
+    stages: tuple[tuple[float, float], ...] = LLMD_LADDER
+    warmup_s: float = 50.0
+    num_requests: int = 1_000_000
+    vocab_size: int = 151_936
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -183,23 +241,88 @@ def _poisson_times(rng: np.random.Generator, n: int, rate: float) -> np.ndarray:
     return np.cumsum(rng.exponential(1.0 / rate, n))
 
 
+def ladder_times(
+    rng: np.random.Generator, stages: tuple[tuple[float, float], ...], limit: int
+) -> np.ndarray:
+    """Arrival times of a piecewise Poisson process: each (rate, seconds) stage in turn, at
+    most `limit` arrivals."""
+    out: list[np.ndarray] = []
+    start = 0.0
+    count = 0
+    for rate, duration in stages:
+        if rate <= 0 or duration <= 0:
+            raise ValueError(f"load stage ({rate:g} req/s, {duration:g} s) must be positive")
+        # Enough exponential gaps to cover the stage with overwhelming probability.
+        n = int(rate * duration + 10 * np.sqrt(rate * duration) + 10)
+        t = start + np.cumsum(rng.exponential(1.0 / rate, n))
+        t = t[t < start + duration]
+        out.append(t)
+        count += len(t)
+        start += duration
+        if count >= limit:
+            break
+    times = np.concatenate(out) if out else np.zeros(0)
+    return times[:limit]
+
+
 def shared_prompt(p: SharedPromptParams) -> Workload:
     if p.groups < 1 or p.system_tokens < 0:
         raise ValueError("shared-prompt needs groups >= 1 and system_tokens >= 0")
+    if p.users_per_group < 0:
+        raise ValueError("shared-prompt needs users_per_group >= 0")
+    if p.stage_scale <= 0:
+        raise ValueError("stage_scale must be > 0")
     rng = np.random.default_rng(p.seed)
     systems = [_tokens(rng, p.system_tokens, p.vocab_size) for _ in range(p.groups)]
-    weights = 1.0 / np.arange(1, p.groups + 1) ** p.group_skew
-    group_of = rng.choice(p.groups, p.num_requests, p=weights / weights.sum())
-    qlens = p.question.sample(rng, p.num_requests)
-    outs = p.output.sample(rng, p.num_requests)
-    times = _poisson_times(rng, p.num_requests, p.rate_per_s)
+    # The ladder draws its times first (they fix how many requests there are); a constant
+    # rate draws them last, after the lengths, as this generator always has (same seed →
+    # same arrivals as before ladders existed).
+    if p.stages:
+        stages = tuple((r, d * p.stage_scale) for r, d in p.stages)
+        times = ladder_times(rng, stages, p.num_requests)
+        n = len(times)
+    else:
+        n = p.num_requests
     arrivals = []
-    for i in range(p.num_requests):
-        g = int(group_of[i])
-        prompt = np.concatenate((systems[g], _tokens(rng, int(qlens[i]), p.vocab_size)))
-        arrivals.append(Arrival(i, float(times[i]), f"g{g}-r{i}", prompt, int(outs[i])))
-    desc = f"{p.groups} groups x {p.system_tokens}-token system prompt + question"
-    return Workload("shared-prompt", arrivals, p.concurrency, desc)
+    if p.users_per_group:
+        # One fixed prompt per (group, user), shared by every recurrence (one array object,
+        # so the runner keys it once); shuffled once, then cycled.
+        prompts = [
+            (g, u, np.concatenate((systems[g], _tokens(rng, p.question.one(rng), p.vocab_size))))
+            for g in range(p.groups)
+            for u in range(p.users_per_group)
+        ]
+        order = rng.permutation(len(prompts))
+        outs = p.output.sample(rng, n)
+        if not p.stages:
+            times = _poisson_times(rng, n, p.rate_per_s)
+        for i in range(n):
+            g, u, prompt = prompts[int(order[i % len(prompts)])]
+            arrivals.append(Arrival(i, float(times[i]), f"g{g}-u{u}", prompt, int(outs[i])))
+        desc = (
+            f"{p.groups} groups x {p.system_tokens}-token prefix, {p.users_per_group} users a "
+            f"group with recurring {p.question.median}-token questions"
+        )
+    else:
+        weights = 1.0 / np.arange(1, p.groups + 1) ** p.group_skew
+        group_of = rng.choice(p.groups, n, p=weights / weights.sum())
+        qlens = p.question.sample(rng, n)
+        outs = p.output.sample(rng, n)
+        if not p.stages:
+            times = _poisson_times(rng, n, p.rate_per_s)
+        for i in range(n):
+            g = int(group_of[i])
+            prompt = np.concatenate((systems[g], _tokens(rng, int(qlens[i]), p.vocab_size)))
+            arrivals.append(Arrival(i, float(times[i]), f"g{g}-r{i}", prompt, int(outs[i])))
+        desc = f"{p.groups} groups x {p.system_tokens}-token system prompt + question"
+    if p.stages:
+        rates = [r for r, _ in p.stages]
+        desc += f", ladder {min(rates):g}-{max(rates):g} req/s"
+        if p.stage_scale != 1.0:
+            desc += f" (durations x{p.stage_scale:g})"
+    name = "llmd-kv-wins" if isinstance(p, LlmdKvWinsParams) else "shared-prompt"
+    warmup = p.warmup_s * p.stage_scale if p.stages else p.warmup_s
+    return Workload(name, arrivals, p.concurrency, desc, warmup_s=warmup)
 
 
 @dataclass(slots=True)
@@ -361,6 +484,9 @@ WORKLOADS: dict[str, WorkloadKind] = {
     "multi-turn": WorkloadKind(MultiTurnParams, multi_turn, "chat sessions with growing history"),
     "agentic": WorkloadKind(AgenticParams, agentic, "tool-call loops on a long context"),
     "random": WorkloadKind(RandomParams, random_prompts, "random prompts, no sharing"),
+    "llmd-kv-wins": WorkloadKind(
+        LlmdKvWinsParams, shared_prompt, "llm-d's KV-cache wins benchmark on its 3-60 QPS ladder"
+    ),
 }
 
 

@@ -109,7 +109,7 @@ async def test_replay_socket_resends_buffered_batches(start_pod) -> None:  # typ
         replies = []
         async with asyncio.timeout(5):
             while True:
-                _, seq, payload = await dealer.recv_multipart()
+                _, _topic, seq, payload = await dealer.recv_multipart()  # vLLM 0.32's form
                 if seq == END_OF_REPLAY:
                     break
                 replies.append((int.from_bytes(seq, "big"), payload))

@@ -9,6 +9,7 @@ import pytest
 import zmq
 
 from router.blocks import BlockConfig, token_block_keys
+from router.events.decode import decode_batch
 from router.events.ingest import KVEventIngester
 from router.events.publisher import KVEventPublisher
 from router.events.settings import EventsSettings
@@ -138,6 +139,88 @@ async def test_gap_is_filled_by_replay_without_a_rebuild(
     assert (s.gaps, s.replays, s.rebuilds) == (1, 1, 0)
     assert s.replayed_batches >= 3  # the replay also carries batches sent after the gap
     assert s.orphans == 0
+
+
+class OldFormReplayServer:
+    """A replay ROUTER answering in the form vLLM used before 0.32 (and kvroute's publisher
+    before it followed 0.32): `[id, b"", seq, payload]` per batch, `[id, b"", END, b""]`."""
+
+    def __init__(self, batches: list[tuple[int, bytes]]) -> None:
+        import threading
+
+        self.batches = batches
+        self.requests: list[int] = []
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.ROUTER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.bind(LOOPBACK_ANY_PORT)
+        self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            if not self._sock.poll(20):
+                continue
+            client, _, start = self._sock.recv_multipart()
+            self.requests.append(int.from_bytes(start, "big"))
+            for seq, payload in self.batches:
+                if seq >= self.requests[-1]:
+                    self._sock.send_multipart((client, b"", seq.to_bytes(8, "big"), payload))
+            self._sock.send_multipart((client, b"", (-1).to_bytes(8, "big", signed=True), b""))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sock.close(0)
+        self._ctx.term()
+
+
+async def test_replay_in_the_old_two_frame_form_is_still_accepted(
+    connect_sub, publishers, until, make_tokens, stored_chain
+) -> None:
+    from router.events.publisher import encode_batch
+
+    pub = publishers(LOOPBACK_ANY_PORT, bind=True)
+    tokens = make_tokens(16 * 4)
+    events = stored_chain(tokens, per_event=1)
+    server = OldFormReplayServer([])
+    try:
+        connect_sub.add_pod("p", pub.endpoint, server.endpoint)
+        await joined(pub, connect_sub, until)  # seq 0 (and maybe more) arrive live
+        first = pub.next_seq
+        server.batches = [
+            (first + 1 + i, encode_batch([ev], 1.0)) for i, ev in enumerate(events[1:3])
+        ]
+        pub.publish([events[0]])
+        pub.drop_next(2)  # lost on the wire; the old-form server has them
+        for ev in events[1:]:
+            pub.publish([ev])
+        idx = connect_sub.ingester.index
+        await settle(connect_sub, until, lambda: idx.pod_block_count("p") == 4, "4 blocks")
+    finally:
+        server.close()
+    assert server.requests == [first + 1]
+    assert idx.longest_prefix(keys(tokens)) == {"p": 4.0}
+    s = connect_sub.stats
+    assert (s.gaps, s.replays, s.replay_failures, s.rebuilds) == (1, 1, 0, 0)
+    assert s.replayed_batches == 2
+
+
+async def test_feed_state_tracks_last_batch_and_connection_in_connect_mode(
+    connect_sub, publishers, until
+) -> None:
+    pub = publishers(LOOPBACK_ANY_PORT, bind=True)
+    connect_sub.add_pod("p", pub.endpoint)
+    state = connect_sub.feed_state("p")
+    await until(lambda: state.connected is True, what="TCP connection")
+    await joined(pub, connect_sub, until)
+    seq = pub.publish([])
+    await until(lambda: state.last_seq == seq, what="last seq")
+    assert state.last_event_at is not None and state.batches >= 1
+    pub.close()
+    await until(lambda: state.connected is False, what="disconnect seen")
 
 
 async def test_gap_beyond_the_replay_buffer_clears_and_rebuilds_the_pod(
@@ -331,7 +414,11 @@ async def test_publisher_frames_match_the_spec_worked_example_byte_for_byte() ->
 
 
 async def test_replay_socket_answers_buffered_batches_then_the_end_marker(publishers) -> None:
-    pub = publishers("tcp://127.0.0.1:*", bind=True, replay_endpoint="tcp://127.0.0.1:*")
+    """vLLM 0.32's `_service_replay` form: `[b"", topic, seq, payload]` per batch, then
+    `[b"", b"", END, b""]`."""
+    pub = publishers(
+        "tcp://127.0.0.1:*", bind=True, replay_endpoint="tcp://127.0.0.1:*", topic="kv@p@m"
+    )
     payloads = [pub.publish([], ts=float(i)) for i in range(5)]
     assert payloads == [0, 1, 2, 3, 4]
     ctx = zmq.Context()
@@ -345,14 +432,15 @@ async def test_replay_socket_answers_buffered_batches_then_the_end_marker(publis
             assert dealer.poll(2000)
             frames = dealer.recv_multipart()
             got.append(frames)
-            if frames[1] == (-1).to_bytes(8, "big", signed=True):
+            if frames[2] == (-1).to_bytes(8, "big", signed=True):
                 break
     finally:
         dealer.close(0)
         ctx.term()
-    assert [f[0] for f in got] == [b""] * 3
-    assert [int.from_bytes(f[1], "big") for f in got[:2]] == [3, 4]
-    assert got[2] == [b"", b"\xff" * 8, b""]
+    assert [f[:2] for f in got[:2]] == [[b"", b"kv@p@m"]] * 2
+    assert [int.from_bytes(f[2], "big") for f in got[:2]] == [3, 4]
+    assert [decode_batch(f[3]).ts for f in got[:2]] == [3.0, 4.0]
+    assert got[2] == [b"", b"", b"\xff" * 8, b""]
 
 
 async def test_resolve_pod_maps_topic_ids_and_drops_pods_it_does_not_know(

@@ -207,18 +207,16 @@ async def test_body_over_the_limit_is_refused_413_before_the_end() -> None:
         call.cancel()
 
 
-async def test_request_without_body_goes_to_the_least_busy_ready_pod() -> None:
+async def test_models_request_is_answered_by_the_picker_not_a_pod() -> None:
     async with ExtProcHarness() as h:
-        reg = h.scheduler.registry
-        reg.set_health(PODS[0], False)
-        reg[PODS[1]].inflight_requests = 3
         call = h.open()
         await call.write(
             headers_msg({":method": "GET", ":path": "/v1/models"}, end=True, mode=FULL_DUPLEX)
         )
         r = await call.read()
-        assert set_headers(r)[DESTINATION_HEADER] == PODS[2]
-        assert lb_metadata(r) == {DESTINATION_HEADER: PODS[2]}
+        assert r.immediate_response.status.code == 200
+        models = json.loads(r.immediate_response.body)["data"]
+        assert [m["id"] for m in models] == sorted(h.scheduler.registry.models())
         call.cancel()
 
 
@@ -378,6 +376,6 @@ def test_timing_plugins_changes_no_decision() -> None:
         timed.on_pick(b, float(i))
     count = metrics.registry.get_sample_value(
         "kvroute_scheduler_plugin_duration_seconds_count",
-        {"profile": "default", "plugin": "prefix-cache-scorer", "kind": "scorer"},
+        {"profile": "default", "plugin": "predicted-ttft-scorer", "kind": "scorer"},
     )
     assert count == 20

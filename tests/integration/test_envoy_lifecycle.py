@@ -116,7 +116,7 @@ async def test_metrics_page_reports_requests_and_pool(envoy_stack: StackFactory)
         assert "kvroute_scrapes_scrapes_ok_total" in page
         plugin = (
             "kvroute_scheduler_plugin_duration_seconds_count"
-            '{kind="scorer",plugin="prefix-cache-scorer",profile="default"} 3.0'
+            '{kind="scorer",plugin="predicted-ttft-scorer",profile="default"} 3.0'
         )
         assert plugin in page
 

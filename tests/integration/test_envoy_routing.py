@@ -119,7 +119,7 @@ async def test_spoofed_routing_headers_are_overwritten(
 
 
 @pytest.mark.parametrize("mode", MODES)
-async def test_get_models_without_body_goes_to_a_ready_pod(
+async def test_get_models_is_answered_by_the_picker_not_a_pod(
     envoy_stack: StackFactory, mode: str
 ) -> None:
     async with envoy_stack(mode) as s:
@@ -127,8 +127,8 @@ async def test_get_models_without_body_goes_to_a_ready_pod(
         s.picker.registry.set_health(s.pods[1].endpoint, False)
         r = await s.client.get("/v1/models", headers={DESTINATION_HEADER: s.pods[0].endpoint})
         assert r.status_code == 200
-        assert r.json()["served_by"] == s.pods[2].endpoint
-        assert r.json()["data"][0]["id"] == "test-model"
+        assert r.json()["data"] == [{"id": "test-model", "object": "model", "owned_by": "kvroute"}]
+        assert all(not p.received for p in s.pods)
 
 
 async def test_no_ready_pod_gets_503_with_openai_error(envoy_stack: StackFactory) -> None:

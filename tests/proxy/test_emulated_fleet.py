@@ -1,5 +1,5 @@
 """The proxy against real emulator pods (separate processes speaking vLLM's API): a client,
-pod faults injected through the emulator's admin endpoint, and the P/D two-phase flow."""
+pod faults injected through the emulator's admin port, and the P/D two-phase flow."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ async def _until(predicate, timeout_s: float = 5.0) -> None:
 
 
 async def test_emulated_pods_serve_clients_and_their_faults_are_handled():
-    async with EmulatedFleet(pods=2, speedup=50, events="none") as fleet:
+    async with EmulatedFleet(pods=2, speedup=50, events="none", admin=True) as fleet:
         model = fleet.pods[0].model
         app = ProxyApp(parse_config(_config(fleet)), SETTINGS)
         async with (
@@ -67,13 +67,13 @@ async def test_emulated_pods_serve_clients_and_their_faults_are_handled():
             # Every pod breaks its streams after 2 tokens: the client's stream ends in an
             # error event, and service resumes once the fault is cleared.
             for p in fleet.pods:
-                await client.post(f"{p.url}/admin/faults", json={"crash_after_tokens": 2})
+                await client.post(f"{p.admin_url}/admin/faults", json={"crash_after_tokens": 2})
             body = {"model": model, "prompt": "tell me a story", "max_tokens": 12, "stream": True}
             async with client.stream("POST", "/v1/completions", json=body) as r:
                 events = [x async for x in r.aiter_lines() if x.startswith("data: ")]
             assert "error" in json.loads(events[-2][6:])
             for p in fleet.pods:
-                await client.post(f"{p.url}/admin/faults", json={"crash_after_tokens": 0})
+                await client.post(f"{p.admin_url}/admin/faults", json={"crash_after_tokens": 0})
 
             async def all_healthy() -> bool:
                 return all(app.registry.get(p.endpoint).healthy for p in fleet.pods)
@@ -82,11 +82,11 @@ async def test_emulated_pods_serve_clients_and_their_faults_are_handled():
 
             # One pod answers 503 to everything: requests are retried on the other one.
             bad = fleet.pods[0]
-            await client.post(f"{bad.url}/admin/faults", json={"error_rate": 1.0})
+            await client.post(f"{bad.admin_url}/admin/faults", json={"error_rate": 1.0})
             for _ in range(4):
                 r = await client.post("/v1/completions", json={**body, "stream": False})
                 assert r.status_code == 200
-            await client.post(f"{bad.url}/admin/faults", json={"error_rate": 0.0})
+            await client.post(f"{bad.admin_url}/admin/faults", json={"error_rate": 0.0})
 
 
 async def test_two_phase_prefill_then_decode_on_emulated_pd_pods():

@@ -1,0 +1,337 @@
+"""`predicted-ttft-scorer` (kvroute's own): each pod's predicted time to first token, in seconds.
+
+For a candidate pod the request would wait for the prefill work queued ahead of it, then run
+its own prefill, on steps that also carry the pod's running decodes:
+
+    W      = Q + U                               tokens the engine must prefill first
+    Q      = inflight_prefill_tokens              router's own queued uncached tokens there
+             + max(0, waiting − own) · ū           + requests the scrape shows and we did not send
+    U      = this request's uncached tokens there (prefix index, pending entries included)
+    D      = max(running decodes we sent, scraped running)
+    steps  = max(1, ⌈W / (C − D)⌉)                C = the engine's max batched tokens
+    queued_prefill_s       = k_p · Q · t_tok
+    own_prefill_s          = k_p · U · t_tok
+    decode_interference_s  = k_s · steps · (t_step + D · t_dec)
+    kv_pressure_s          = P · max(0, (u + W / cap − knee) / (1 − knee))
+    ttft                   = the sum of the four
+
+t_tok (seconds per prefill token), t_step (a step's floor: weights read, launch, sampling) and
+t_dec (each running decode's share of a step) come from the simulator's latency model of the
+profile named by `profile` (`router.sim.latency`); cap is that profile's KV capacity in
+tokens, u the scraped KV utilization. Near a full cache the engine preempts or holds the
+request for blocks, which `kv_pressure_s` stands for.
+
+Learning (online, no ML library): at the first token the observed TTFT y is fitted as
+y ≈ k_p·a + k_s·b, where a = (Q+U)·t_tok and b = steps·(t_step + D·t_dec) as predicted at the
+pick (observations with a KV penalty are skipped). Each fit is exponentially weighted least
+squares: sufficient statistics Σaa, Σab, Σbb, Σay, Σby decay by `decay` per observation, and
+a ridge pulls (k_p, k_s) towards a prior. Two levels: a fleet fit over every observation,
+pulled weakly (`ridge` 0.05) towards the profile's (1, 1), and one fit per pod pulled towards
+the fleet's (`podRidge` 1.0, about one observation's weight). So a profile that is wrong for
+the whole fleet is corrected for every pod at once (a pod never seen uses the fleet's
+factors, and an unobserved pod does not look faster than observed ones merely for keeping
+the profile's prior), and a slower or faster pod (another GPU, another TP degree) moves off
+the fleet after a few dozen requests. k is clamped to [0.2, 20]: a pod whose TTFT seems
+not to depend on tokens at all (a stub server) keeps a cache worth something.
+
+Score: min_cost / cost with cost = ttft + workWeight · ρ · own_prefill_s, so the pod with the
+lowest cost scores 1 and the others keep their ratios (a pod predicted twice as slow scores
+0.5). Alone in a profile with the `max-score-picker` it picks the lowest cost; combined with
+other scorers it keeps its magnitudes, unlike min-max normalisation. With workWeight 0 the
+cost is the predicted TTFT itself. A positive workWeight also charges the compute a pod would
+spend on this request's uncached tokens, which delays every request queued behind it there
+later: TTFT alone is blind to that, so in a burst it scatters a group across idle pods that
+each recompute the prefix for a TTFT only a hair lower. ρ is the share of candidate pods
+with prefill work queued: the chance that added work delays anyone. On a lightly loaded
+fleet (ρ ≈ 0) the cost is the predicted TTFT; when every pod has a queue, recomputation is
+charged in full. Both figures are in the explanation (`predicted_ttft_s`,
+`routing_cost_s`, and `work_charge` = workWeight · ρ).
+
+Hot spots need no rule of their own: the pod holding a hot prefix has it cached (small U)
+but a long queue (large Q); once its queue costs more than recomputing the prefix on an idle
+pod, that pod predicts the lower TTFT and the prefix then lives on both.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from router.pods import Pod
+from scorers.base import (
+    DetailedScorer,
+    LearningPlugin,
+    ParameterError,
+    PluginEnv,
+    SchedulingContext,
+    check_params,
+)
+
+if TYPE_CHECKING:
+    from router.scheduler import Decision
+
+DEFAULT_PROFILE = "llama-3.1-8b-h100"
+_K_MIN, _K_MAX = 0.2, 20.0
+#: Features older than this many outstanding decisions are forgotten (a face that never
+#: reports back must not grow memory).
+_MAX_OPEN = 200_000
+
+
+@dataclass(frozen=True, slots=True)
+class Rates:
+    """A pod's prior rates, from the latency model of its profile."""
+
+    token_s: float  # seconds per prefill token
+    step_s: float  # floor of one engine step
+    decode_s: float  # added step time per running decode
+    capacity_tokens: int  # KV cache capacity
+
+
+@lru_cache(maxsize=16)
+def profile_rates(profile: str, max_batched_tokens: int, context: int = 2048) -> Rates:
+    """t_tok, t_step, t_dec and the KV capacity of a profile (bundled name or YAML path)."""
+    from router.sim.latency import LatencyModel, load_profile
+
+    prof = load_profile(profile)
+    model = LatencyModel(prof)
+    step = model.decode_step_time(1, 1)
+    full = model.prefill_time(max_batched_tokens)
+    token = max(1e-9, (full - step) / max_batched_tokens)
+    decode = max(0.0, (model.decode_step_time(64, context) - model.decode_step_time(1, context)))
+    return Rates(token, step, decode / 63.0, prof.num_gpu_blocks * prof.block_size)
+
+
+@dataclass(slots=True)
+class _Fit:
+    """Exponentially weighted least squares of y ≈ k_p·a + k_s·b with a ridge towards a prior."""
+
+    saa: float = 0.0
+    sab: float = 0.0
+    sbb: float = 0.0
+    say: float = 0.0
+    sby: float = 0.0
+    n: float = 0.0
+    k_prefill: float = 1.0
+    k_step: float = 1.0
+
+    def observe(self, a: float, b: float, y: float, decay: float) -> None:
+        self.saa = decay * self.saa + a * a
+        self.sab = decay * self.sab + a * b
+        self.sbb = decay * self.sbb + b * b
+        self.say = decay * self.say + a * y
+        self.sby = decay * self.sby + b * y
+        self.n = decay * self.n + 1.0
+
+    def solve(self, ridge: float, prior: tuple[float, float] = (1.0, 1.0)) -> None:
+        """Set (k_prefill, k_step); the prior alone while nothing was observed."""
+        if self.n <= 0.0:
+            self.k_prefill, self.k_step = prior
+            return
+        # The ridge is scaled to the features' mean square: it weighs like `ridge`
+        # observations that agree with the prior.
+        lam = ridge * (self.saa + self.sbb) / (2.0 * self.n) + 1e-12
+        m11, m12, m22 = self.saa + lam, self.sab, self.sbb + lam
+        r1, r2 = self.say + lam * prior[0], self.sby + lam * prior[1]
+        det = m11 * m22 - m12 * m12
+        if det <= 0.0:
+            return
+        kp = (r1 * m22 - r2 * m12) / det
+        ks = (m11 * r2 - m12 * r1) / det
+        self.k_prefill = min(_K_MAX, max(_K_MIN, kp))
+        self.k_step = min(_K_MAX, max(_K_MIN, ks))
+
+
+@dataclass(slots=True)
+class _Open:
+    """What was predicted for a picked request, kept until its first token."""
+
+    pod: str
+    at: float
+    a: float
+    b: float
+    kv: float
+    tokens: int
+
+
+class PredictedTTFTScorer(DetailedScorer, LearningPlugin):
+    """See the module docstring for the formula, the learning rule and the score."""
+
+    PARAMS: ClassVar[dict[str, type]] = {
+        "mode": str,
+        "profile": str,
+        "maxNumBatchedTokens": int,
+        "kvPenaltyS": float,
+        "kvKnee": float,
+        "learn": bool,
+        "decay": float,
+        "ridge": float,
+        "podRidge": float,
+        "workWeight": float,
+    }
+
+    def __init__(self, name: str, params: dict[str, Any], env: PluginEnv) -> None:
+        check_params("predicted-ttft-scorer", params, self.PARAMS)
+        self.name = name
+        mode = params.get("mode") or "auto"
+        if mode not in ("auto", "precise", "approximate"):
+            raise ParameterError(
+                f"predicted-ttft-scorer mode {mode!r} is unknown (known: auto, precise, "
+                "approximate)"
+            )
+        self.mode = env.default_prefix_mode if mode == "auto" else mode
+        self.profile = params.get("profile") or DEFAULT_PROFILE
+        self.max_batched = int(params.get("maxNumBatchedTokens") or 8192)
+        if self.max_batched < 1:
+            raise ParameterError("predicted-ttft-scorer maxNumBatchedTokens must be >= 1")
+        kv_pen = params.get("kvPenaltyS")
+        self.kv_penalty_s = 1.0 if kv_pen is None else float(kv_pen)
+        knee = params.get("kvKnee")
+        self.kv_knee = 0.9 if knee is None else float(knee)
+        if not 0.0 <= self.kv_knee < 1.0 or self.kv_penalty_s < 0:
+            raise ParameterError("predicted-ttft-scorer needs 0 <= kvKnee < 1 and kvPenaltyS >= 0")
+        learn = params.get("learn")
+        self.learn = True if learn is None else bool(learn)
+        decay = params.get("decay")
+        self.decay = 0.97 if decay is None else float(decay)
+        ridge = params.get("ridge")
+        self.ridge = 0.05 if ridge is None else float(ridge)
+        work_weight = params.get("workWeight")
+        self.work_weight = 1.0 if work_weight is None else float(work_weight)
+        if self.work_weight < 0:
+            raise ParameterError("predicted-ttft-scorer workWeight must be >= 0")
+        pod_ridge = params.get("podRidge")
+        self.pod_ridge = 1.0 if pod_ridge is None else float(pod_ridge)
+        if not 0.0 < self.decay <= 1.0 or self.ridge < 0 or self.pod_ridge < 0:
+            raise ParameterError(
+                "predicted-ttft-scorer needs 0 < decay <= 1, ridge >= 0 and podRidge >= 0"
+            )
+        try:
+            self.rates = profile_rates(self.profile, self.max_batched)
+        except ValueError as exc:
+            raise ParameterError(f"predicted-ttft-scorer profile: {exc}") from None
+        self._fits: dict[str, _Fit] = {}
+        self.fleet = _Fit()
+        #: Bumped at each observation; a pod's factors are re-solved when it changed.
+        self._version = 0
+        self._solved: dict[str, int] = {}
+        #: Per pod: requests we sent whose first token has not come (prefilling or queued).
+        self._prefilling: dict[str, int] = {}
+        #: Per pod: EW mean of our requests' uncached tokens (sizes the scrape's extra queue).
+        self._mean_tokens: dict[str, float] = {}
+        self._open: dict[int, _Open] = {}
+        self._last_request: object = None
+        self._last: dict[str, tuple[float, float, float, int]] = {}
+
+    # ------------------------------------------------------------------ prediction
+    def fit(self, endpoint: str) -> _Fit:
+        """The pod's fit, its factors solved against the current fleet fit."""
+        f = self._fits.get(endpoint)
+        if f is None:
+            f = self._fits[endpoint] = _Fit()
+        if self._solved.get(endpoint) != self._version:
+            f.solve(self.pod_ridge, (self.fleet.k_prefill, self.fleet.k_step))
+            self._solved[endpoint] = self._version
+        return f
+
+    def predict(self, ctx: SchedulingContext, pod: Pod) -> dict[str, float]:
+        """The predicted TTFT of `ctx.request` on `pod` and its parts (seconds, tokens)."""
+        r = self.rates
+        ep = pod.endpoint
+        m = pod.metrics
+        own_pre = self._prefilling.get(ep, 0)
+        foreign = max(0, m.waiting - own_pre)
+        queued = pod.inflight_prefill_tokens
+        if foreign:
+            queued += int(foreign * self._mean_tokens.get(ep, ctx.prompt_tokens))
+        own = ctx.uncached_tokens(ep, self.mode)
+        running = max(pod.inflight_requests - own_pre, m.running, 0)
+        work = queued + own
+        chunk = max(1, self.max_batched - running)
+        steps = max(1, math.ceil(work / chunk))
+        fit = self.fit(ep)
+        kp, ks = fit.k_prefill, fit.k_step
+        step_base = steps * (r.step_s + running * r.decode_s)
+        projected = m.kv_utilization + work / r.capacity_tokens
+        kv = 0.0
+        if projected > self.kv_knee and self.kv_penalty_s:
+            kv = self.kv_penalty_s * (projected - self.kv_knee) / (1.0 - self.kv_knee)
+        q_s = kp * queued * r.token_s
+        o_s = kp * own * r.token_s
+        d_s = ks * step_base
+        ttft = q_s + o_s + d_s + kv
+        return {
+            "predicted_ttft_s": ttft,
+            "routing_cost_s": ttft,
+            "queued_prefill_s": q_s,
+            "own_prefill_s": o_s,
+            "decode_interference_s": d_s,
+            "kv_pressure_s": kv,
+            "queued_tokens": float(queued),
+            "uncached_tokens": float(own),
+            "running": float(running),
+        }
+
+    def score_details(
+        self, ctx: SchedulingContext, pods: Sequence[Pod]
+    ) -> tuple[list[float], list[dict[str, float]]]:
+        parts = [self.predict(ctx, p) for p in pods]
+        if self.work_weight and parts:
+            rho = sum(1 for d in parts if d["queued_tokens"] > 0) / len(parts)
+            charge = self.work_weight * rho
+            for d in parts:
+                d["work_charge"] = charge
+                d["routing_cost_s"] = d["predicted_ttft_s"] + charge * d["own_prefill_s"]
+        r = self.rates
+        self._last_request = ctx.request
+        self._last = {}
+        for p, d in zip(pods, parts, strict=True):
+            work = d["queued_tokens"] + d["uncached_tokens"]
+            chunk = max(1, self.max_batched - int(d["running"]))
+            steps = max(1, math.ceil(work / chunk))
+            a = work * r.token_s
+            b = steps * (r.step_s + d["running"] * r.decode_s)
+            self._last[p.endpoint] = (a, b, d["kv_pressure_s"], int(d["uncached_tokens"]))
+        times = [max(1e-6, d["routing_cost_s"]) for d in parts]
+        best = min(times) if times else 0.0
+        return [best / t for t in times], parts
+
+    # ------------------------------------------------------------------ learning hooks
+    def on_pick(self, decision: Decision, now: float) -> None:
+        worker = decision.prefill or decision.target
+        self._prefilling[worker] = self._prefilling.get(worker, 0) + 1
+        feats = self._last.get(worker) if decision.request is self._last_request else None
+        tokens = decision.uncached_tokens
+        mean = self._mean_tokens.get(worker)
+        self._mean_tokens[worker] = tokens if mean is None else 0.9 * mean + 0.1 * tokens
+        if len(self._open) >= _MAX_OPEN:
+            self._open.clear()
+        a, b, kv, _ = feats if feats is not None else (0.0, 0.0, 1.0, tokens)
+        self._open[id(decision)] = _Open(worker, now, a, b, kv, tokens)
+
+    def on_first_token(self, decision: Decision, now: float) -> None:
+        rec = self._close(decision)
+        if rec is None or not self.learn or rec.kv > 0.0 or (rec.a <= 0.0 and rec.b <= 0.0):
+            return
+        y = now - rec.at
+        if y < 0.0:
+            return
+        self.fleet.observe(rec.a, rec.b, y, self.decay)
+        self.fleet.solve(self.ridge)
+        self.fit(rec.pod).observe(rec.a, rec.b, y, self.decay)
+        self._version += 1
+
+    def on_complete(self, decision: Decision, usage: dict[str, Any] | None, now: float) -> None:
+        self._close(decision)
+
+    def on_failure(self, decision: Decision, endpoint: str, now: float) -> None:
+        self._close(decision)
+
+    def _close(self, decision: Decision) -> _Open | None:
+        rec = self._open.pop(id(decision), None)
+        if rec is not None:
+            n = self._prefilling.get(rec.pod, 0)
+            self._prefilling[rec.pod] = max(0, n - 1)
+        return rec

@@ -1,0 +1,263 @@
+"""`predicted-ttft-scorer`: the formula, the score's ratios, the hot-spot guard, online learning."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from router.config import ConfigError, default_config
+from router.pods import MetricsSnapshot
+from router.scheduler import Scheduler
+from scorers.predicted_ttft import DEFAULT_PROFILE, PredictedTTFTScorer, profile_rates
+from tests.scorers.conftest import ENDPOINTS, context, pods, scheduler_with, token_request
+
+A, B, C = ENDPOINTS
+BS = 16  # tokens per block in the conftest scheduler (chars mode, 64 chars per block)
+
+
+def scorer_of(sched: Scheduler) -> PredictedTTFTScorer:
+    plugin = sched.plugins["predicted-ttft-scorer"]
+    assert isinstance(plugin, PredictedTTFTScorer)
+    return plugin
+
+
+def prefix(n_tokens: int, start: int = 1000) -> list[int]:
+    return list(range(start, start + n_tokens))
+
+
+def test_prediction_is_the_documented_sum_of_its_parts() -> None:
+    sched = scheduler_with("predicted-ttft-scorer")
+    sc = scorer_of(sched)
+    r = profile_rates(DEFAULT_PROFILE, 8192)
+    pod = sched.registry[A]
+    pod.inflight_prefill_tokens = 20_000
+    pod.inflight_requests = 40
+    sched.registry.set_metrics(A, MetricsSnapshot(running=30, kv_utilization=0.5, taken_at=0.0))
+    req = token_request(prefix(2048))
+    parts = sc.predict(context(sched, req), pod)
+    running = 40  # the router's own count beats the stale scrape (30)
+    work = 20_000 + 2048
+    steps = math.ceil(work / (8192 - running))
+    assert parts["queued_tokens"] == 20_000 and parts["uncached_tokens"] == 2048
+    assert parts["running"] == running
+    assert parts["queued_prefill_s"] == pytest.approx(20_000 * r.token_s)
+    assert parts["own_prefill_s"] == pytest.approx(2048 * r.token_s)
+    assert parts["decode_interference_s"] == pytest.approx(
+        steps * (r.step_s + running * r.decode_s)
+    )
+    projected = 0.5 + work / r.capacity_tokens
+    assert projected < 0.9 and parts["kv_pressure_s"] == 0.0
+    total = sum(parts[k] for k in ("queued_prefill_s", "own_prefill_s", "decode_interference_s"))
+    assert parts["predicted_ttft_s"] == pytest.approx(total)
+
+
+def test_prior_rates_come_from_the_latency_profile() -> None:
+    from router.sim.latency import LatencyModel, load_profile
+
+    r = profile_rates(DEFAULT_PROFILE, 8192)
+    model = LatencyModel(load_profile(DEFAULT_PROFILE))
+    # A full 8k-token prefill step predicted from the rates equals the latency model's.
+    assert r.step_s + 8192 * r.token_s == pytest.approx(model.prefill_time(8192))
+    slower = profile_rates("llama-3.3-70b-fp8-h100-tp4", 8192)
+    assert slower.token_s > 2 * r.token_s  # a 70B model prefills far slower per token
+
+
+def test_score_keeps_ratios_and_the_lowest_prediction_wins() -> None:
+    sched = scheduler_with("predicted-ttft-scorer")
+    sched.registry[A].inflight_prefill_tokens = 30_000
+    sched.registry[B].inflight_prefill_tokens = 10_000
+    req = token_request(prefix(1024, 5))
+    d = sched.schedule(req)
+    assert d.target == C
+    by_pod = {s.endpoint: s for s in d.results["default"].pods}
+    details = {ep: s.details["predicted-ttft-scorer"] for ep, s in by_pod.items()}
+    cost = {ep: x["routing_cost_s"] for ep, x in details.items()}
+    best = min(cost.values())
+    for ep, s in by_pod.items():
+        assert s.scores["predicted-ttft-scorer"] == pytest.approx(best / cost[ep])
+        x = details[ep]
+        # Two pods of three have queued work: the recompute charge is 2/3 of workWeight (1).
+        assert x["work_charge"] == pytest.approx(2 / 3)
+        assert x["routing_cost_s"] == pytest.approx(
+            x["predicted_ttft_s"] + 2 / 3 * x["own_prefill_s"]
+        )
+    assert by_pod[C].total == pytest.approx(1.0)
+    assert min(details, key=lambda ep: details[ep]["predicted_ttft_s"]) == C
+
+
+@pytest.mark.parametrize("work_weight", [0.0, 1.0])
+def test_hot_prefix_pod_is_left_when_its_queue_costs_more_than_recomputing(
+    work_weight: float,
+) -> None:
+    sched = scheduler_with("predicted-ttft-scorer", {"workWeight": work_weight})
+    hot = prefix(6144)
+    sched.precise_index.add_blocks(A, sched.keyer.keys(token_request([*hot, 1])))
+    ask = token_request(hot + prefix(64, 90_000))
+    # Recomputing the prefix elsewhere costs 6,144 tokens of prefill, charged 1 + workWeight·ρ
+    # times (the wait, and the work it adds there); ρ = 1/3: one pod of three has a queue.
+    breakeven = (1.0 + work_weight / 3) * 6144
+    # A queue shorter than that on the pod holding the prefix: it still wins.
+    sched.registry[A].inflight_prefill_tokens = int(0.8 * breakeven)
+    assert sched.schedule(ask).target == A
+    # Once its queue costs more than recomputing the prefix on an idle pod, it loses.
+    sched.registry[A].inflight_prefill_tokens = int(1.2 * breakeven)
+    d = sched.schedule(ask)
+    assert d.target in (B, C)
+    assert d.uncached_tokens >= 6144  # the prefix is recomputed there: now it lives on two pods
+
+
+def test_burst_of_one_group_spreads_only_when_queueing_outweighs_the_cache() -> None:
+    """Committed picks of one group's requests (pending entries make the prefix visible at
+    once): they pile onto the first pod until its queue is worth a recompute elsewhere."""
+    sched = scheduler_with("predicted-ttft-scorer")
+    sys_prompt = prefix(6144)
+    targets = []
+    recomputed = []
+    for i in range(100):
+        d = sched.schedule(token_request(sys_prompt + prefix(128, 50_000 + 200 * i)))
+        sched.on_pick(d)
+        targets.append(d.target)
+        if d.uncached_tokens >= 6144:
+            recomputed.append(d.target)
+    first = targets[0]
+    assert targets[1] == first  # the cached prefix beats an idle pod at first
+    assert len(set(targets)) > 1  # but the hot spot is relieved once the queue grows
+    # Each pod computes the prefix once; its pending entry makes the rest hit there.
+    assert sorted(recomputed) == sorted(set(targets))
+
+
+def test_kv_pressure_penalises_a_pod_near_a_full_cache() -> None:
+    sched = scheduler_with("predicted-ttft-scorer")
+    sched.registry.set_metrics(A, MetricsSnapshot(kv_utilization=0.99, taken_at=0.0))
+    sched.registry.set_metrics(B, MetricsSnapshot(kv_utilization=0.20, taken_at=0.0))
+    sched.registry.set_metrics(C, MetricsSnapshot(kv_utilization=0.20, taken_at=0.0))
+    req = token_request(prefix(512))
+    sc = scorer_of(sched)
+    ctx = context(sched, req)
+    full = sc.predict(ctx, sched.registry[A])
+    assert full["kv_pressure_s"] == pytest.approx(
+        (0.99 + 512 / sc.rates.capacity_tokens - 0.9) / 0.1
+    )
+    assert sc.predict(ctx, sched.registry[B])["kv_pressure_s"] == 0.0
+    assert sched.schedule(req).target != A
+
+
+def test_scraped_queue_we_did_not_send_counts_as_work() -> None:
+    sched = scheduler_with("predicted-ttft-scorer")
+    sc = scorer_of(sched)
+    req = token_request(prefix(1000))
+    sched.registry.set_metrics(A, MetricsSnapshot(waiting=5, taken_at=0.0))
+    ctx = context(sched, req)
+    # No request of ours is queued there: the five waiting ones are another client's,
+    # sized like this request until the pod has a mean of its own.
+    assert sc.predict(ctx, sched.registry[A])["queued_tokens"] == 5 * 1000
+    assert sc.predict(ctx, sched.registry[B])["queued_tokens"] == 0
+
+
+def test_online_fit_learns_a_slow_pod_and_steers_traffic_away() -> None:
+    sched = scheduler_with("predicted-ttft-scorer")
+    sc = scorer_of(sched)
+    slow = {A: 3.0, B: 1.0, C: 0.5}  # e.g. an older GPU, the profile's, a bigger TP degree
+    now = 0.0
+    for i in range(120):
+        for ep in ENDPOINTS:
+            req = token_request(prefix(512 + (i % 7) * 300, 50_000 + 5000 * (3 * i + len(ep))))
+            d = sched.schedule(req, subset=[ep], now=now)
+            sched.on_pick(d, now)
+            p = d.results["default"].pods[0].details["predicted-ttft-scorer"]
+            fit = sc.fit(ep)
+            # The pod's true TTFT: prefill at `slow` times the profile's rate, steps as modelled.
+            prefill = (p["own_prefill_s"] + p["queued_prefill_s"]) / fit.k_prefill
+            steps = p["decode_interference_s"] / fit.k_step
+            sched.on_first_token(d, now + slow[ep] * prefill + steps)
+            sched.on_complete(d, {"completion_tokens": 1}, now + 1.0)
+            now += 1.0
+    for ep, k in slow.items():
+        assert sc.fit(ep).k_prefill == pytest.approx(k, rel=0.1)  # shrunk towards the fleet
+        # The step factor is pulled towards the fleet fit's (which mixes the three pods).
+        assert sc.fit(ep).k_step == pytest.approx(1.0, rel=0.3)
+    assert sc.fleet.n > 0 and 0.5 < sc.fleet.k_prefill < 3.0
+    # On an idle fleet a long prompt now goes to the fastest pod, never to the slow one.
+    picks = {
+        sched.schedule(token_request(prefix(4000, 10**7 + 9000 * j))).target for j in range(20)
+    }
+    assert picks == {C}
+
+
+def test_idle_fleet_costs_pure_predicted_ttft() -> None:
+    sched = scheduler_with("predicted-ttft-scorer", {"workWeight": 5.0})
+    d = sched.schedule(token_request(prefix(3000)))
+    for s in d.results["default"].pods:
+        x = s.details["predicted-ttft-scorer"]
+        assert x["work_charge"] == 0.0 and x["routing_cost_s"] == x["predicted_ttft_s"]
+
+
+def test_a_wrong_profile_is_corrected_for_pods_never_observed() -> None:
+    """Every pod is 4x slower than the profile: observing one pod moves the fleet's factors,
+    so an unobserved pod does not look faster merely for keeping the profile's prior."""
+    sched = scheduler_with("predicted-ttft-scorer")
+    sc = scorer_of(sched)
+    for i in range(40):
+        d = sched.schedule(token_request(prefix(1500, 9000 * i)), subset=[A], now=float(i))
+        sched.on_pick(d, float(i))
+        p = d.results["default"].pods[0].details["predicted-ttft-scorer"]
+        true = 4.0 * (
+            p["own_prefill_s"] / sc.fit(A).k_prefill + p["decode_interference_s"] / sc.fit(A).k_step
+        )
+        sched.on_first_token(d, i + true)
+        sched.on_complete(d, None, i + true)
+    assert sc.fit(B).n == 0.0
+    assert sc.fit(B).k_prefill == pytest.approx(sc.fit(A).k_prefill, rel=0.1)
+    assert sc.fit(B).k_prefill > 2.0
+
+
+def test_no_learning_keeps_the_prior() -> None:
+    sched = scheduler_with("predicted-ttft-scorer", {"learn": False})
+    sc = scorer_of(sched)
+    d = sched.schedule(token_request(prefix(800)))
+    sched.on_pick(d, 0.0)
+    sched.on_first_token(d, 50.0)
+    assert sc.fit(d.target).k_prefill == 1.0 and sc.fit(d.target).n == 0.0
+
+
+def test_hooks_balance_the_prefilling_count() -> None:
+    sched = scheduler_with("predicted-ttft-scorer")
+    sc = scorer_of(sched)
+    decisions = []
+    for i in range(5):
+        d = sched.schedule(token_request(prefix(300, 7000 * i)))
+        sched.on_pick(d, 0.0)
+        decisions.append(d)
+    assert sum(sc._prefilling.values()) == 5
+    sched.on_first_token(decisions[0], 0.1)
+    sched.on_failure(decisions[1], decisions[1].target, 0.1)
+    sched.on_complete(decisions[2], None, 0.2)  # completion without a first token seen
+    sched.on_complete(decisions[0], None, 0.3)  # already closed: counted once
+    assert sum(sc._prefilling.values()) == 2
+
+
+@pytest.mark.parametrize(
+    ("params", "needle"),
+    [
+        ({"colour": "red"}, "colour"),
+        ({"mode": "psychic"}, "psychic"),
+        ({"profile": "no-such-gpu"}, "llama-3.1-8b-h100"),
+        ({"kvKnee": 1.5}, "kvKnee"),
+        ({"decay": 0.0}, "decay"),
+        ({"maxNumBatchedTokens": "lots"}, "maxNumBatchedTokens"),
+    ],
+)
+def test_bad_parameters_are_errors_naming_them(params: dict, needle: str) -> None:
+    with pytest.raises((ValueError, ConfigError)) as exc:
+        scheduler_with("predicted-ttft-scorer", params)
+    assert needle in str(exc.value)
+
+
+def test_default_config_routes_by_predicted_ttft() -> None:
+    cfg = default_config()
+    names = [r.ref for r in cfg.profiles[0].plugins]
+    assert names == ["predicted-ttft-scorer", "max-score-picker"]
+    sched = Scheduler(cfg)
+    assert any(isinstance(p, PredictedTTFTScorer) for p in sched.plugins.values())
+    assert pods(sched) == []
