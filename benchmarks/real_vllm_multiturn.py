@@ -50,6 +50,7 @@ from router.proxy.app import ProxyApp, RunningServer
 from router.request import parse_request
 from tests.real_vllm.conftest import (
     EVENTS,
+    PRECISE_PROFILE,
     SETTINGS,
     engine_counter,
     join_feeds,
@@ -64,18 +65,7 @@ from tests.real_vllm.vllm_pods import (
 )
 
 POLICIES = {
-    "precise": """
-plugins:
-  - type: prefix-cache-scorer
-  - type: queue-scorer
-  - type: max-score-picker
-schedulingProfiles:
-  - name: default
-    plugins:
-      - {pluginRef: prefix-cache-scorer, weight: 2}
-      - {pluginRef: queue-scorer, weight: 1}
-      - {pluginRef: max-score-picker}
-""",
+    "precise": PRECISE_PROFILE,
     "round-robin": """
 plugins:
   - type: round-robin-picker

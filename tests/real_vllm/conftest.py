@@ -48,7 +48,9 @@ READY_TIMEOUT_S = float(os.environ.get("KVROUTE_VLLM_READY_TIMEOUT_S", "600"))
 #: ~3 s) and changes nothing the tests look at (prefix cache, events, metrics, errors).
 VLLM_ARGS = ("--enforce-eager",)
 
-PLUGINS = """
+#: The routing profile of the real-pod tests (and of benchmarks/real_vllm_multiturn.py):
+#: the precise prefix index decides, queue length breaks ties.
+PRECISE_PROFILE = """
 plugins:
   - type: prefix-cache-scorer
   - type: queue-scorer
@@ -59,9 +61,13 @@ schedulingProfiles:
       - {pluginRef: prefix-cache-scorer, weight: 2}
       - {pluginRef: queue-scorer, weight: 1}
       - {pluginRef: max-score-picker}
-scrape: {interval_s: 0.2, timeout_s: 5.0, unhealthy_after: 3}
+"""
+PLUGINS = (
+    PRECISE_PROFILE
+    + """scrape: {interval_s: 0.2, timeout_s: 5.0, unhealthy_after: 3}
 seed: 11
 """
+)
 
 #: The `events:` fields every test proxy gets (a replay from a busy engine may take a moment).
 EVENTS: dict[str, Any] = {"replay_timeout_s": 10.0, "silent_after_s": 2.0}

@@ -18,7 +18,7 @@ import pytest_asyncio
 from router.config import parse_config
 from router.emulator.server import EmulatorPod
 from router.proxy.app import ProxyApp, RunningServer
-from router.proxy.settings import ProxySettings
+from tests.proxy.test_emulated_fleet import PD_PLUGINS, SETTINGS
 from tests.security.canary import Canary
 from tests.security.conftest import (
     FORBIDDEN,
@@ -31,22 +31,8 @@ from tests.security.conftest import (
 )
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
-SETTINGS = ProxySettings(health_interval_s=0.05, first_byte_timeout_s=5)
 #: The proxy's own endpoints (router.proxy.app.CONTROL_PATHS), answered by the router.
 CONTROL_PATHS = {"/health", "/ready", "/metrics", "/debug/pods"}
-PD_PLUGINS = """
-plugins:
-  - type: pd-profile-handler
-    parameters: {threshold: 0}
-  - type: decode-filter
-  - type: prefill-filter
-  - type: max-score-picker
-schedulingProfiles:
-  - name: decode
-    plugins: [{pluginRef: decode-filter}, {pluginRef: max-score-picker}]
-  - name: prefill
-    plugins: [{pluginRef: prefill-filter}, {pluginRef: max-score-picker}]
-"""
 
 
 @dataclass
