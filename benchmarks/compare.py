@@ -2,7 +2,10 @@
 
     python benchmarks/compare.py [--workload NAME ...|--trace FILE] [--pods N] [--requests N]
         [--concurrency C] [--speedup X] [--routers a,b,...] [--json OUT] [--plot DIR]
-        [--router-cpus 0] [--fleet-cpus 1] [--no-pin] [--max-lag-ms 2]
+        [--router-cpus 0] [--fleet-cpus 1] [--no-pin] [--max-lag-ms 2] [--fleet vllm-cpu]
+
+`--fleet vllm-cpu`: the routers in front of real vLLM CPU pods instead of the emulator
+(method and caveats in benchmarks/vllm_fleet.py; timings are CPU timings).
 
 Method. For each workload and each router, in this order: kvroute (default profile: prefix
 cache from the pods' KV events, token mode with the bundled tokenizer, load scorers),
@@ -36,11 +39,30 @@ per wall second grows with the speedup (tokens and requests per second), so 1 le
 the most idle time at a run length of minutes; the earlier default (2, and 4 in the published
 figures) shared the core with twice or four times the work. The check, not the default,
 decides: a busy machine makes every run INVALID at any speedup (measured 2026-12-01 with
-other jobs running: step lag p99 200-970 ms at 0.5, 1 and 2). One cost does not shrink with
-the speedup: a pod tokenizes each new prompt on its event loop (~70 ms CPU for a 25k-token
-Mooncake prompt), which delays that pod's steps meanwhile. The trace's arrival times follow
-the speedup (`--time-scale` defaults to 1 / `--speedup`, so the load relative to the fleet's
-capacity does not change with it).
+other jobs running: step lag p99 200-970 ms at 0.5, 1 and 2). Pods tokenize long prompts in
+a tokenizer process of their own at idle CPU priority (router/emulator/tokenize_process.py,
+as vLLM's API server tokenizes apart from its engine core), through an exact piece cache
+(router/bytelevel.py, ~10x faster than `tokenizers` on the load generator's text): before,
+each pod tokenized on its event loop and a 25k-token Mooncake prompt held it 70-600 ms, which
+was the step lag of every run (a profile of one pod under a Mooncake slice: ~87% of its loop's
+busy time in `encode_prompt`; after: one pod's step lag p99 8 ms instead of 230-530 ms at the
+same load on the same, busy, machine). Before each run every pod gets one warm-up request
+(`warm_pods`) so no measured request waits for that process to start. Each row also carries
+`fleet_cpu_busy` (the share of the fleet cores' time anything kept busy during the run, from
+/proc/stat: near 1.0 the tokenizer processes are starved and TTFTs include the wait) and
+`fleet_cpu_share` (CPU seconds of the pods, their tokenizer processes and the load generator
+per wall second: the share of a core the measuring side itself needs, a figure other jobs do
+not change much) and `loadavg_1m` (the machine's load when the run ended: other jobs). The
+trace's arrival times follow the speedup (`--time-scale` defaults to 1 / `--speedup`, so the
+load relative to the fleet's capacity does not change with it).
+
+The setting meant to be valid: the defaults (`--pods 4 --speedup 1 --requests 300`, one core a
+side): the measuring side itself used 0.18-0.28 of its core (`fleet_cpu_share`, multi-turn and
+Mooncake, 2026-12-02), which leaves it mostly idle on a quiet machine. Not yet shown valid:
+on that day the machine ran other jobs (load average 9-20, the fleet core 100% busy), and every
+run was INVALID (step lag p99 46-841 ms). A known limit on Mooncake: the load generator renders
+each prompt's text on its event loop (`tokens_to_text`, ~5.6 ms CPU a prompt on average, tens
+of ms for the longest), which counts in its send and loop lag.
 
 Workloads (all chat, output capped at `--max-tokens` so the 2-core machine spends its CPU on
 routing, not on streaming tokens). Sizes are in workload tokens; the load generator's text is
@@ -98,12 +120,13 @@ from peers import (
     kvroute_config,
     parse_cpus,
     pin_tree,
+    tree_cpu_seconds,
     vllm_router_binary,
 )
 from prometheus_client.parser import text_string_to_metric_families
 
 from router.emulator.fleet import EmulatedFleet
-from router.loadgen import LoadReport, LoadSettings, run_load
+from router.loadgen import LoadReport, LoadSettings, run_load, tokens_to_text
 from router.sim.traces import trace_workload
 from router.sim.workloads import LengthDistribution, Workload, make_workload
 
@@ -119,12 +142,14 @@ RUN_FIELDS = (
     "router", "workload", "ttft_p50_s", "ttft_p95_s", "ttft_p99_s", "tpot_p50_s",
     "output_tokens_per_s", "hit_rate", "failed", "router_cpu_s", "router_peak_rss_mb",
     "step_lag_p99_ms", "send_lag_p99_ms", "loop_lag_p99_ms", "lag_p99_ms", "valid", "rank",
-    "router_cpus", "pod_requests",
+    "router_cpus", "pod_requests", "fleet_cpu_busy", "fleet_cpu_share", "loadavg_1m",
 )  # fmt: skip
 #: Figures a repeated run reports as the median (the rest: see `median_row`).
 MEDIAN_FIELDS = RUN_FIELDS[2:11]
 LAG_FIELDS = ("step_lag_p99_ms", "send_lag_p99_ms", "loop_lag_p99_ms", "lag_p99_ms")
 STEP_LAG_METRIC = "kvroute_emulator_step_lag_seconds"
+#: Pseudo-words of the warm-up prompt: most of the load generator's 4,900 words appear.
+WARM_WORDS = 20_000
 REQUESTS_METRIC = "vllm:request_success"
 OVERHEAD_BODY = json.dumps(
     {"model": "m", "prompt": "The quick brown fox " * 8, "max_tokens": 1}
@@ -227,6 +252,62 @@ def parse_pod_metrics(text: str) -> PodSample:
     return out
 
 
+async def warm_pods(client: httpx.AsyncClient, fleet: EmulatedFleet) -> None:
+    """One long chat request to each pod before the run: it starts the pod's tokenizer process
+    (router/emulator/tokenize_process.py, ~1 s to spawn and load) and fills its piece cache
+    with the load generator's vocabulary, so no measured request waits for either. Its own
+    prompt is drawn apart from every workload's (another seed), and the counters are read after
+    it."""
+    words = tokens_to_text(np.random.default_rng(2**31 - 1).integers(0, 1 << 20, WARM_WORDS))
+
+    async def one(pod: Any) -> None:
+        body = {
+            "model": pod.model,
+            "messages": [{"role": "user", "content": f"warm-up {pod.endpoint} {words}"}],
+            "max_tokens": 1,
+        }
+        r = await client.post(f"{pod.url}/v1/chat/completions", json=body, timeout=60.0)
+        r.raise_for_status()
+
+    await asyncio.gather(*(one(p) for p in fleet.pods))
+
+
+def cpu_busy_ticks(cpus: frozenset[int] | None) -> tuple[int, int] | None:
+    """(busy, total) clock ticks of `cpus` since boot, from /proc/stat (None: unpinned or no
+    /proc): over a run, the share of the fleet side's cores that anything (the pods, the load
+    generator, other jobs on the machine) kept busy."""
+    if cpus is None:
+        return None
+    busy = total = 0
+    try:
+        lines = Path("/proc/stat").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        name, *fields = line.split()
+        if not name.startswith("cpu") or name == "cpu" or int(name[3:]) not in cpus:
+            continue
+        ticks = [int(f) for f in fields]
+        idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+        total += sum(ticks[:8])
+        busy += sum(ticks[:8]) - idle
+    return (busy, total) if total else None
+
+
+def fleet_cpu_seconds(fleet: EmulatedFleet) -> float:
+    """CPU seconds of the measuring side itself: the pods (with their tokenizer processes)
+    and this process (the load generator). Per wall second of a run it is the share of a core
+    that side needs, whatever else runs on the machine: well under 1 on the fleet's one core
+    is what a valid run needs room for."""
+    return time.process_time() + sum(tree_cpu_seconds(p.pid) for p in fleet.pods)
+
+
+def busy_share(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return round((after[0] - before[0]) / (after[1] - before[1]), 3)
+
+
 async def scrape_pods(client: httpx.AsyncClient, fleet: EmulatedFleet) -> list[PodSample]:
     return [parse_pod_metrics((await client.get(f"{p.url}/metrics")).text) for p in fleet.pods]
 
@@ -307,7 +388,7 @@ def pod_args(args: argparse.Namespace) -> list[str]:
     # Map wire form on the empty topic: what vllm-router 0.1.17 reads; kvroute reads both.
     return [
         "--seed", str(args.seed), "--events-wire-form", "map", "--events-topic", "",
-        "--max-model-len", str(args.max_model_len),
+        "--max-model-len", str(args.max_model_len), "--tokenize-process",
     ]  # fmt: skip
 
 
@@ -331,6 +412,14 @@ def fleet_view(fleet: EmulatedFleet) -> FleetView:
 async def run_one(
     router: str, workload: Workload, rate: float | None, label: str, args: argparse.Namespace
 ) -> RunResult:
+    if args.fleet == "vllm-cpu":  # real vLLM pods instead of the emulator: vllm_fleet.py
+        from vllm_fleet import mark_cpu_run, run_load_on_vllm
+
+        report, pages, proc = await run_load_on_vllm(router, workload, rate, args)
+        deltas = [parse_pod_metrics(a).delta(parse_pod_metrics(b)) for b, a in pages]
+        res = summarize(router, label, report, deltas, proc, args.max_lag_ms)
+        mark_cpu_run(res.row, args.max_lag_ms)
+        return res
     spec = ROUTERS[router]
     async with (
         EmulatedFleet(
@@ -343,7 +432,10 @@ async def run_one(
         ) as fleet,
         httpx.AsyncClient(timeout=10.0) as client,
     ):
+        await warm_pods(client, fleet)
         before = await scrape_pods(client, fleet)
+        ticks = cpu_busy_ticks(args.fleet_cpu_set)
+        own0 = fleet_cpu_seconds(fleet)
         proc = RouterProcess(spec, fleet_view(fleet), cpus=args.router_cpu_set)
         async with proc:
             settings = LoadSettings(
@@ -358,9 +450,14 @@ async def run_one(
             report = await run_load(workload, settings)
             # Let the last responses' metrics land before reading the counters.
             await asyncio.sleep(0.3)
+        busy = busy_share(ticks, cpu_busy_ticks(args.fleet_cpu_set))
+        own = (fleet_cpu_seconds(fleet) - own0) / report.wall_s if report.wall_s > 0 else None
         after = await scrape_pods(client, fleet)
     deltas = [a.delta(b) for a, b in zip(after, before, strict=True)]
-    return summarize(router, label, report, deltas, proc, args.max_lag_ms)
+    res = summarize(router, label, report, deltas, proc, args.max_lag_ms)
+    res.row["fleet_cpu_busy"] = busy
+    res.row["fleet_cpu_share"] = None if own is None else round(own, 3)
+    return res
 
 
 def summarize(
@@ -395,6 +492,9 @@ def summarize(
         "rank": None,
         "router_cpus": format_cpus(proc.usage.cpus) if proc.usage.cpus else None,
         "pod_requests": [int(p.requests) for p in pods],
+        "fleet_cpu_busy": None,
+        "fleet_cpu_share": None,
+        "loadavg_1m": round(os.getloadavg()[0], 2),
     }
     ttfts = [r.ttft_s for r in report.results if r.ok and r.ttft_s is not None]
     return RunResult(row, ttfts, s["errors"])
@@ -402,7 +502,8 @@ def summarize(
 
 def median_row(results: list[RunResult]) -> dict[str, Any]:
     """One row for repeated runs: the median of each figure, the sum of failures and of each
-    pod's requests, the worst lag; valid only if every run was."""
+    pod's requests, the worst lag (and fleet-core busy share, load average); valid only if
+    every run was."""
     rows = [r.row for r in results]
     out = dict(rows[0])
     for key in MEDIAN_FIELDS:
@@ -411,8 +512,8 @@ def median_row(results: list[RunResult]) -> dict[str, Any]:
             out[key] = sum(values)
         elif values:
             out[key] = round(statistics.median(values), 6)
-    for key in LAG_FIELDS:
-        values = [r[key] for r in rows if r[key] is not None]
+    for key in (*LAG_FIELDS, "fleet_cpu_busy", "fleet_cpu_share", "loadavg_1m"):
+        values = [r[key] for r in rows if r.get(key) is not None]
         out[key] = max(values) if values else None
     out["valid"] = all(r["valid"] for r in rows)
     out["pod_requests"] = [sum(col) for col in zip(*(r["pod_requests"] for r in rows), strict=True)]
@@ -601,7 +702,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--speedup",
         type=float,
         default=1.0,
-        help="emulated s per wall s (1: the time scale at which runs were valid on 2 cores)",
+        help="emulated s per wall s (1: the least fleet-side work per wall second; each run's "
+        "lag check decides whether it was valid)",
     )
     p.add_argument("--profile", default=None, help="emulator latency profile")
     p.add_argument("--seed", type=int, default=0)
@@ -649,6 +751,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=2.0,
         help="a run whose step or send lag p99 exceeds this is INVALID (not ranked)",
     )
+    p.add_argument(
+        "--fleet",
+        choices=("emulator", "vllm-cpu"),
+        default="emulator",
+        help="vllm-cpu: real vLLM CPU pods (benchmarks/vllm_fleet.py; no overhead run)",
+    )
     p.add_argument("--overhead-requests", type=int, default=5000)
     p.add_argument("--overhead-concurrency", type=int, default=64)
     p.add_argument("--no-overhead", action="store_true", help="skip the raw-overhead run")
@@ -665,7 +773,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--speedup and --time-scale must be > 0")
     if args.time_scale is None:
         args.time_scale = 1.0 / args.speedup
+    if args.fleet == "vllm-cpu":
+        args.no_overhead = True  # zero-latency pods measure the routers, not a fleet
     args.router_cpu_set = None
+    args.fleet_cpu_set = None
     if not args.no_pin:
         try:
             router, fleet = parse_cpus(args.router_cpus), parse_cpus(args.fleet_cpus)
@@ -680,6 +791,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if router & fleet:
             p.error("--router-cpus and --fleet-cpus overlap: give each side its own cores")
         args.router_cpu_set = router
+        args.fleet_cpu_set = fleet
     return args
 
 
@@ -748,7 +860,9 @@ async def compare(args: argparse.Namespace) -> dict[str, Any]:
         "errors": errors,
         "skipped": skipped,
         "settings": {
-            k: v for k, v in vars(args).items() if k not in ("json_out", "plot", "router_cpu_set")
+            k: v
+            for k, v in vars(args).items()
+            if k not in ("json_out", "plot", "router_cpu_set", "fleet_cpu_set")
         },
         "machine": machine(),
         "versions": versions(),
@@ -762,6 +876,10 @@ def main(argv: list[str] | None = None) -> int:
     result = asyncio.run(compare(args))
     result["wall_s"] = round(time.monotonic() - t0, 1)
     if result["runs"]:
+        if args.fleet == "vllm-cpu":
+            from vllm_fleet import CPU_NOTE
+
+            print(CPU_NOTE)
         print(format_runs(result["runs"]))
     if result["overhead"]:
         print(format_overhead(result["overhead"]))

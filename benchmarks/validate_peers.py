@@ -201,7 +201,11 @@ async def validate(own: argparse.Namespace, args: argparse.Namespace) -> dict[st
         "skipped": skipped,
         "pinned": compare.format_cpus(fleet_cpus) if fleet_cpus else None,
         "settings": {
-            **{k: v for k, v in vars(args).items() if k not in ("json_out", "router_cpu_set")},
+            **{
+                k: v
+                for k, v in vars(args).items()
+                if k not in ("json_out", "router_cpu_set", "fleet_cpu_set")
+            },
             "pairs": own.pairs,
             "share_tol": own.share_tol,
             "hit_tol": own.hit_tol,

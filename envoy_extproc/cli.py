@@ -19,14 +19,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve",
         help="run the Envoy ext_proc endpoint picker (gRPC), with health and metrics",
-        description="Serves until SIGTERM, then finishes open streams within --grace-period.",
+        description="Serves until SIGTERM; then turns not-ready and keeps serving for "
+        "--lame-duck seconds, then refuses new streams and lets open ones finish within "
+        "--grace-period.",
     )
     p.add_argument("--config", type=Path, required=True, help="router config YAML")
     p.add_argument("--host", default=None, help="address to bind (default 0.0.0.0)")
     p.add_argument("--grpc-port", type=int, default=None, help=f"ext_proc port ({GRPC_PORT})")
     p.add_argument("--health-port", type=int, default=None, help=f"gRPC health ({HEALTH_PORT})")
     p.add_argument("--metrics-port", type=int, default=None, help=f"Prometheus ({METRICS_PORT})")
-    p.add_argument("--grace-period", type=float, default=None, help="seconds (default 15)")
+    p.add_argument(
+        "--lame-duck", type=float, default=None, help="seconds not-ready but serving (10)"
+    )
+    p.add_argument(
+        "--grace-period", type=float, default=None, help="seconds to drain open streams (600)"
+    )
     k8s = p.add_argument_group(
         "Kubernetes discovery (instead of the config's pods:)",
         "pods come from the API server: those matching the InferencePool's selector",
@@ -45,6 +52,7 @@ def settings_from_args(args: argparse.Namespace, base: ExtProcSettings) -> ExtPr
         "grpc_port": args.grpc_port,
         "health_port": args.health_port,
         "metrics_port": args.metrics_port,
+        "lame_duck_s": args.lame_duck,
         "grace_period_s": args.grace_period,
     }
     return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})

@@ -60,12 +60,15 @@ def render_bootstrap(
     listen_address: str = "127.0.0.1",
     picker_address: str = "127.0.0.1",
     baseline_destination: str | None = None,
+    ext_proc_overrides: dict[str, Any] | None = None,
 ) -> str:
     """The bootstrap for `mode` with placeholders filled.
 
     `baseline_destination` ("ip:port") makes the no-picker baseline of the benchmarks: the
     ext_proc filter is dropped and the route itself sets the destination header, so requests
-    take the same ORIGINAL_DST path to that one pod."""
+    take the same ORIGINAL_DST path to that one pod. `ext_proc_overrides` replaces fields of
+    the ext_proc filter's config (e.g. `{"message_timeout": "0.2s"}` to show what a shorter
+    bound does)."""
     template = string.Template((CONFIG_DIR / BOOTSTRAPS[mode]).read_text())
     text = template.substitute(
         LISTEN_ADDRESS=listen_address,
@@ -74,7 +77,7 @@ def render_bootstrap(
         PICKER_ADDRESS=picker_address,
         PICKER_PORT=picker_port,
     )
-    if baseline_destination is None:
+    if baseline_destination is None and not ext_proc_overrides:
         return text
     doc: dict[str, Any] = yaml.safe_load(text)
     set_destination = {
@@ -85,6 +88,12 @@ def render_bootstrap(
         for chain in listener["filter_chains"]:
             for f in chain["filters"]:
                 hcm = f["typed_config"]
+                if ext_proc_overrides:
+                    for h in hcm["http_filters"]:
+                        if h["name"] == EXT_PROC_FILTER:
+                            h["typed_config"].update(ext_proc_overrides)
+                if baseline_destination is None:
+                    continue
                 hcm["http_filters"] = [
                     h for h in hcm["http_filters"] if h["name"] != EXT_PROC_FILTER
                 ]
@@ -111,6 +120,7 @@ class EnvoyProcess:
     picker_port: int
     baseline_destination: str | None = None
     concurrency: int = 1
+    ext_proc_overrides: dict[str, Any] | None = None
     listen_port: int = field(default_factory=free_port)
     admin_port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
@@ -133,6 +143,7 @@ class EnvoyProcess:
                 admin_port=self.admin_port,
                 picker_port=self.picker_port,
                 baseline_destination=self.baseline_destination,
+                ext_proc_overrides=self.ext_proc_overrides,
             )
         )
         log = open(Path(self._dir.name) / "envoy.log", "wb")  # noqa: SIM115 (closed in stop)

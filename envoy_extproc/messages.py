@@ -126,8 +126,13 @@ def request_trailers_response() -> ProcessingResponse:
     return ProcessingResponse(request_trailers=TrailersResponse())
 
 
-def response_headers_response() -> ProcessingResponse:
-    return ProcessingResponse(response_headers=HeadersResponse())
+def response_headers_response(remove: Iterable[str] = ()) -> ProcessingResponse:
+    """Pass the response headers on, without the headers named in `remove`."""
+    names = list(remove)
+    if not names:
+        return ProcessingResponse(response_headers=HeadersResponse())
+    common = CommonResponse(header_mutation=HeaderMutation(remove_headers=names))
+    return ProcessingResponse(response_headers=HeadersResponse(response=common))
 
 
 def response_body_response(streamed: tuple[bytes, bool] | None = None) -> ProcessingResponse:

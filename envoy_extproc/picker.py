@@ -17,6 +17,7 @@ from typing import Any
 import msgspec
 
 from envoy_extproc.metrics import PickerMetrics
+from envoy_extproc.passive_health import PassiveHealth
 from envoy_extproc.settings import ExtProcSettings
 from router.request import (
     ChatTemplate,
@@ -41,8 +42,11 @@ class Picker:
         metrics: PickerMetrics | None = None,
         chat_template: ChatTemplate | None = None,
         clock: Callable[[], float] = time.monotonic,
+        passive_health: PassiveHealth | None = None,
     ) -> None:
         self.scheduler = scheduler
+        #: Ejects pods on the failures this picker sees (None = scrapes alone decide).
+        self.passive_health = passive_health
         self.tokenize = TokenizeWorker(scheduler)
         self.settings = settings or ExtProcSettings()
         self.metrics = metrics or PickerMetrics()
@@ -143,6 +147,8 @@ class Picker:
 
     def complete(self, decision: Decision, usage: dict[str, Any] | None, elapsed_s: float) -> None:
         self.scheduler.on_complete(decision, usage, self.clock())
+        if self.passive_health is not None:
+            self.passive_health.record_success(decision.target)
         model = decision.request.model
         m = self.metrics
         m.running.labels(model).dec()
@@ -158,8 +164,20 @@ class Picker:
                 if completion > 0:
                     m.ntpot.labels(model).observe(elapsed_s / completion)
 
-    def fail(self, decision: Decision, endpoint: str, kind: str) -> None:
+    def fail(
+        self,
+        decision: Decision,
+        endpoint: str,
+        kind: str,
+        status: int = 0,
+        unreachable: bool = False,
+    ) -> None:
+        """The request failed on `endpoint`: `status` as Envoy reported it (0 = none, e.g. the
+        client went away), `unreachable` when Envoy could not connect to the pod."""
         self.scheduler.on_failure(decision, endpoint, self.clock())
+        if self.passive_health is not None:
+            request_id = decision.request.request_id or f"picker-{id(decision)}"
+            self.passive_health.record_failure(endpoint, status, request_id, unreachable)
         model = decision.request.model
         self.metrics.running.labels(model).dec()
         self.metrics.requests.labels(model, decision.profile, "error").inc()

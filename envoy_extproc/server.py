@@ -6,14 +6,23 @@ mode when pods name a `kv_events_endpoint`, bind mode when the config has an `ev
 section), the ext_proc gRPC server, the gRPC health server and the Prometheus endpoint, and the
 order they start and stop in.
 
-Readiness (`readiness` and the ExternalProcessor service on the health port) is NOT_SERVING
-until the pod list is loaded and scraped once, and again from the moment shutdown begins, so
-the gateway stops sending new streams while open ones finish within the grace period.
+Readiness (`readiness` and the ExternalProcessor service, answered on the health port and on
+the ext_proc port, where Envoy's own health check asks) is NOT_SERVING until the pod list is
+loaded and scraped once and the pods' KV-event replay buffers are applied (warm start, bounded
+by `events.replay_timeout_s`), and again from the moment shutdown begins.
+
+Shutdown on SIGTERM, in three steps: (1) lame duck — readiness NOT_SERVING, new streams still
+served for `lame_duck_s`, so Kubernetes endpoints and Envoy health checks move traffic away
+before anything is refused; (2) drain — the gRPC server refuses new streams (GOAWAY; Envoy
+answers those clients 503 JSON) and open ones run to their end for up to `grace_period_s`;
+(3) the feeds and the health and metrics servers stop. A second SIGTERM/SIGINT ends the lame
+duck at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import threading
@@ -26,6 +35,7 @@ from grpc_health.v1.health import aio as health_aio
 
 from envoy_extproc.metrics import PickerMetrics, time_plugins
 from envoy_extproc.metrics_http import MetricsHTTPServer
+from envoy_extproc.passive_health import PassiveHealth
 from envoy_extproc.picker import Picker
 from envoy_extproc.servicer import ExternalProcessorServicer, add_to_server
 from envoy_extproc.settings import ExtProcSettings
@@ -66,16 +76,27 @@ class PickerServer:
         self.config = config
         self.settings = settings or ExtProcSettings()
         self.feeds = FleetFeeds(config, config_path=config_path, kubernetes=kubernetes)
+        if self.feeds.subscriber is not None:
+            # A restarted picker learns what the pods already cache from their replay buffers
+            # instead of routing on an empty precise index.
+            self.feeds.subscriber.warm_start = True
         self.registry = self.feeds.registry
         self.scheduler = Scheduler(config, self.registry, precise_index=self.feeds.precise_index)
         self.metrics = PickerMetrics()
         self.metrics.watch_pool(self.registry, self.feeds.stats)
         time_plugins(self.scheduler, self.metrics)
+        self.passive_health = (
+            PassiveHealth(self.registry, self.settings.outlier_policy())
+            if self.settings.passive_health
+            else None
+        )
+        self._readmit_task: asyncio.Task[None] | None = None
         self.picker = Picker(
             self.scheduler,
             self.settings,
             self.metrics,
             ChatTemplate.beside_tokenizer(config.blocks.tokenizer_path),
+            passive_health=self.passive_health,
         )
         self.servicer = ExternalProcessorServicer(self.picker)
         self.health = health_aio.HealthServicer()
@@ -83,6 +104,7 @@ class PickerServer:
         self._health_server: grpc.aio.Server | None = None
         self._metrics_server: MetricsHTTPServer | None = None
         self._stop = asyncio.Event()
+        self._hurry = asyncio.Event()
         self._stopped = False
         self.ports: BoundPorts | None = None
 
@@ -100,6 +122,9 @@ class PickerServer:
         metrics_port = await self._metrics_server.start()
 
         await self.feeds.start()
+        sub = self.feeds.subscriber
+        if sub is not None and not await sub.warmed(sub.settings.replay_timeout_s + 1):
+            log.warning("kvroute picker: ready before every pod's replay buffer was applied")
 
         self._grpc = grpc.aio.server(
             options=[
@@ -108,8 +133,11 @@ class PickerServer:
             ]
         )
         add_to_server(self.servicer, self._grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         grpc_port = self._grpc.add_insecure_port(f"{s.host}:{s.grpc_port}")
         await self._grpc.start()
+        if self.passive_health is not None:
+            self._readmit_task = asyncio.create_task(self._readmit_loop(self.passive_health))
         await self._set_ready(True)
         self.ports = BoundPorts(
             grpc_port,
@@ -126,16 +154,27 @@ class PickerServer:
         )
         return self.ports
 
-    async def stop(self, grace_s: float | None = None) -> None:
-        """Turn not-ready, stop taking streams, let open ones finish (grace), stop the feeds."""
+    async def stop(self, grace_s: float | None = None, lame_duck_s: float = 0.0) -> None:
+        """Turn not-ready, keep serving for `lame_duck_s`, then stop taking streams, let open
+        ones finish (`grace_s`, default `grace_period_s`), stop the feeds."""
         if self._stopped:
             return
         self._stopped = True
         grace = self.settings.grace_period_s if grace_s is None else grace_s
         await self._set_ready(False)
+        if lame_duck_s > 0 and self._grpc is not None:
+            log.info("kvroute picker: not ready; lame duck for %.1f s", lame_duck_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._hurry.wait(), lame_duck_s)
+            log.info("kvroute picker: draining %d open streams", self.servicer.active)
         if self._grpc is not None:
             await self._grpc.stop(grace)
             self._grpc = None
+        if self._readmit_task is not None:
+            self._readmit_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._readmit_task
+            self._readmit_task = None
         await self.feeds.stop()
         self.picker.tokenize.close()
         if self._metrics_server is not None:
@@ -156,17 +195,22 @@ class PickerServer:
         on_main = threading.current_thread() is threading.main_thread()
         if on_main:
             for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self._stop.set)
+                loop.add_signal_handler(sig, self.request_stop)
         try:
             await self._stop.wait()
         finally:
-            if on_main:
-                for sig in (signal.SIGTERM, signal.SIGINT):
-                    loop.remove_signal_handler(sig)
             log.info("kvroute picker: stopping (%d open streams)", self.servicer.active)
-            await self.stop()
+            try:
+                await self.stop(lame_duck_s=self.settings.lame_duck_s)
+            finally:
+                if on_main:
+                    for sig in (signal.SIGTERM, signal.SIGINT):
+                        loop.remove_signal_handler(sig)
 
     def request_stop(self) -> None:
+        """What SIGTERM does: begin the shutdown; a second call ends the lame duck early."""
+        if self._stop.is_set():
+            self._hurry.set()
         self._stop.set()
 
     async def __aenter__(self) -> PickerServer:
@@ -181,6 +225,12 @@ class PickerServer:
         await self.stop()
 
     # ------------------------------------------------------------------ helpers
+    async def _readmit_loop(self, health: PassiveHealth) -> None:
+        """Let ejected pods back once their ejection is over and a scrape went fine."""
+        while True:
+            await asyncio.sleep(0.25)
+            health.tick()
+
     async def _set_ready(self, ready: bool) -> None:
         status = _SERVING if ready else _NOT_SERVING
         for name in HEALTH_SERVICES:

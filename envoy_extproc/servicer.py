@@ -2,8 +2,9 @@
 
 Owns moving messages between the gRPC stream and an `ExtProcStream`, counting open streams,
 and making sure a stream always ends with its outcome settled, whether Envoy closes it, the
-client goes away or the server shuts down. A bug in the picker becomes a 500 ImmediateResponse
-for that request, never a broken gRPC stream.
+client goes away or the server shuts down. A stream Envoy will send nothing more on
+(`ExtProcStream.finished`) is ended by the picker right away. A bug in the picker becomes a
+500 ImmediateResponse for that request, never a broken gRPC stream.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):
                     return
                 for response in responses:
                     await context.write(response)
+                if stream.finished:
+                    return
         finally:
             self.active -= 1
             gauge.dec()

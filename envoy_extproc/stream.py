@@ -24,7 +24,10 @@ Request side, by the body mode Envoy announces in `protocol_config`:
   anyway).
 
 Response side: headers and body chunks are answered as they come (echoed in full-duplex
-mode, empty otherwise); first-chunk time and usage are read on the side.
+mode, empty otherwise); first-chunk time and usage are read on the side. With response body
+mode NONE the stream is `finished` once the response headers are answered (the servicer then
+ends it, so a picker death cannot cut the response). A 5xx Envoy tagged as "pod unreachable"
+(`UPSTREAM_FAILURE_HEADER`, see the bootstraps) is reported as such, and the tag removed.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import Proces
 from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest, ProcessingResponse
 
 from envoy_extproc import messages as msg
+from envoy_extproc.passive_health import UPSTREAM_FAILURE_HEADER
 from envoy_extproc.picker import Picker
 from envoy_extproc.usage import UsageReader
 from router.request import RequestError
@@ -66,11 +70,13 @@ class ExtProcStream:
         "_picker",
         "_request_body_mode",
         "_response_body_mode",
+        "_response_headers_seen",
         "_routed",
         "_settled",
         "_started",
         "_status",
         "_subset",
+        "_unreachable",
         "_usage",
         "clock",
         "headers",
@@ -85,6 +91,7 @@ class ExtProcStream:
         self._subset: list[str] | None = None
         self._request_body_mode = _BUFFERED
         self._response_body_mode = ProcessingMode.NONE
+        self._response_headers_seen = False
         self._hold_headers = False
         self._body: list[bytes] = []
         self._body_bytes = 0
@@ -93,6 +100,8 @@ class ExtProcStream:
         self._decision: Decision | None = None
         self._started = 0.0
         self._status = 0
+        #: Envoy could not reach the pod (its own reply, tagged by the bootstrap).
+        self._unreachable = False
         self._usage: UsageReader | None = None
         self._first_token_seen = False
         self._settled = False
@@ -102,6 +111,14 @@ class ExtProcStream:
     @property
     def decision(self) -> Decision | None:
         return self._decision
+
+    @property
+    def finished(self) -> bool:
+        """Envoy will send nothing more: the response headers are answered and the response
+        body is not sent to the picker (body mode NONE). The servicer then ends the gRPC
+        stream itself, so a picker that dies later cannot cut the response (with the stream
+        still open, Envoy turns its reset into an error for the client)."""
+        return self._response_headers_seen and self._response_body_mode == ProcessingMode.NONE
 
     # ------------------------------------------------------------------ dispatch
     async def handle(self, req: ProcessingRequest) -> list[ProcessingResponse]:
@@ -228,18 +245,21 @@ class ExtProcStream:
 
     # ------------------------------------------------------------------ response side
     def _response_headers(self, req: ProcessingRequest) -> list[ProcessingResponse]:
+        self._response_headers_seen = True
         h = msg.header_map(req.response_headers)
         try:
             self._status = int(h.get(":status", "0"))
         except ValueError:
             self._status = 0
+        tagged = UPSTREAM_FAILURE_HEADER in h
+        self._unreachable = tagged and self._status >= 500
         if self._picker.settings.parse_responses and self._decision is not None:
             self._usage = UsageReader(
                 h.get("content-type", ""), self._picker.settings.max_response_json_bytes
             )
         if req.response_headers.end_of_stream:
             self._settle()
-        return [msg.response_headers_response()]
+        return [msg.response_headers_response((UPSTREAM_FAILURE_HEADER,) if tagged else ())]
 
     def _response_body(self, chunk: bytes, end: bool) -> list[ProcessingResponse]:
         decision = self._decision
@@ -267,7 +287,13 @@ class ExtProcStream:
             usage = self._usage.usage if self._usage is not None else None
             self._picker.complete(decision, usage, self.clock() - self._started)
         else:
-            self._picker.fail(decision, endpoint, f"upstream_{self._status or 'no_response'}")
+            self._picker.fail(
+                decision,
+                endpoint,
+                f"upstream_{self._status or 'no_response'}",
+                self._status,
+                self._unreachable,
+            )
 
     def close(self) -> None:
         """The stream ended (normally, or cut by Envoy/the client): settle what is open.

@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import xxhash
 
+from router.bytelevel import PieceCacheEncoder
+
 if TYPE_CHECKING:
     from router.request import RoutingRequest
 
@@ -120,6 +122,9 @@ class PrefixTokenizer:
         if not isinstance(tokenizer, Tokenizer):
             raise TypeError("PrefixTokenizer needs a tokenizers.Tokenizer")
         self._tok = tokenizer
+        #: Same ids as `tokenizers`, ~7x less CPU on ASCII text (None: a tokenizer shape it
+        #: does not cover; `tokenizers` then does all of it).
+        self._fast = PieceCacheEncoder.build(tokenizer)
         self._cache: OrderedDict[int, array[int]] = OrderedDict()
         self._max = max_entries
         self.hits = 0
@@ -132,8 +137,13 @@ class PrefixTokenizer:
         return cls(Tokenizer.from_file(path), max_entries)
 
     def encode_plain(self, text: str) -> list[int]:
-        """Tokenize without the cache (and without special tokens added by post-processing)."""
-        return self._tok.encode(text, add_special_tokens=False).ids
+        """Tokenize without the prefix cache (and without special tokens added by
+        post-processing). `encode_batch` rather than `encode` where `tokenizers` runs: it
+        releases the GIL, so a long prompt tokenized on a worker thread does not stall the
+        event loop."""
+        if self._fast is not None:
+            return self._fast.encode(text)
+        return self._tok.encode_batch([text], add_special_tokens=False)[0].ids
 
     def special_affixes(self) -> tuple[list[int], list[int]]:
         """Ids the tokenizer's post-processor puts before and after one sequence (Llama: BOS).

@@ -17,6 +17,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "emulated fleet + proxy + load: cache-aware routing vs round-robin, side by side",
     ),
     "simulate": ("router.sim.cli", "compare routing policies on a simulated vLLM fleet"),
+    "plan": (
+        "router.sim.plan_cli",
+        "which fleet (aggregated or prefill/decode, TP per role) serves a workload best",
+    ),
     "explain": (
         "router.explain",
         "route one request against a described fleet and print the per-pod scores",

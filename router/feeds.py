@@ -16,9 +16,18 @@ It also keeps the precise index honest about engines that went away or went quie
   `AllBlocksCleared` are handled in `router.events`.
 - a pod whose engine computed blocks (its prefix-cache counters grew) while no KV-event batch
   arrived for `events.silent_after_s` is "silent": one warning, `silent` in `feed_report`
-  and the `kvroute_kv_events_feed_silent` gauge, until a batch arrives again. The precise
-  index keeps the pod's last known blocks meanwhile (the scheduler's own picks are not
-  substituted for it: that fallback lives in the scheduler, which this module does not own).
+  and the `kvroute_kv_events_feed_silent` gauge, until a batch arrives again. The pod is
+  also marked silent in the precise index (`BlockIndex.mark_silent`), so the scheduler
+  complements its stale entries with the router's own record of its picks until then. The
+  first baseline of a pod's counters is taken from a scrape `_SETTLE_S` after the first
+  look: work the engine did before the router subscribed can reach its counters after the
+  router's first scrape, and would otherwise count as computed with no batch.
+
+And it checks the config against what the pods report (`check_agreement`): the engine's
+block size (`BlockStored.block_size`, `/metrics` `cache_config_info`) against
+`blocks.block_size`, and the token ids of its events against the router tokenizer's
+vocabulary (a token id beyond it means the pod runs another tokenizer). Each disagreement is
+one warning naming both values (`config_warnings`), however many pods and events show it.
 """
 
 from __future__ import annotations
@@ -48,6 +57,8 @@ log = logging.getLogger(__name__)
 
 #: After a batch, the engine's counters are re-read from a scrape this much later.
 _REBASE_AFTER_S = 1.0
+#: The first baseline of a pod's counters comes from a scrape this long after the first look.
+_SETTLE_S = 2.0
 
 
 class FleetFeeds:
@@ -100,6 +111,10 @@ class FleetFeeds:
         self._sync_task: asyncio.Task[None] | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self._silence: dict[str, _Silence] = {}
+        #: One line per config/pod disagreement found (each also logged once as a warning).
+        self.config_warnings: list[str] = []
+        self._disagreements: set[tuple[str, object, object]] = set()
+        self._vocab_size: int | None = None
         if self.subscriber is not None:
             self.registry.on_health_change(self._health_changed)
             self.scraper.on_restart(self._engine_restarted)
@@ -156,6 +171,7 @@ class FleetFeeds:
         if healthy or self.subscriber is None or endpoint not in self.registry:
             return
         self.subscriber.stats.pods_cleared += 1
+        self._forget_silence(endpoint)
         self.subscriber.pod_restarted(endpoint, "pod unhealthy; it may return as an empty engine")
 
     def _engine_restarted(self, endpoint: str, reason: str) -> None:
@@ -168,13 +184,21 @@ class FleetFeeds:
         if started is not None and heard is not None and heard >= started:
             return  # batches of the new engine arrived already: the index is its own
         sub.stats.pods_cleared += 1
+        self._forget_silence(endpoint)
         sub.pod_restarted(endpoint, reason)
+
+    def _forget_silence(self, endpoint: str) -> None:
+        """The engine may be a new, empty one: the router's record of its picks on the old
+        one must not stand in for it, and its counters start a new baseline."""
+        self._silence.pop(endpoint, None)
+        self._mark_silent(endpoint, False)
 
     async def _watch_silence(self) -> None:
         interval = min(1.0, self.subscriber.settings.silent_after_s / 4) if self.subscriber else 1
         while True:
             await asyncio.sleep(interval)
             self.check_silence(time.monotonic())
+            self.check_agreement()
 
     def check_silence(self, now: float) -> None:
         """Mark pods silent (or no longer silent); see the module docstring."""
@@ -191,11 +215,16 @@ class FleetFeeds:
             feed = sub.feed_state(pod.endpoint)
             tr = self._silence.get(pod.endpoint)
             if tr is None or computed < tr.computed:  # first look, or the engine restarted
-                self._silence[pod.endpoint] = _Silence(computed, feed.batches)
+                if tr is not None and tr.silent:
+                    self._mark_silent(pod.endpoint, False)
+                self._silence[pod.endpoint] = _Silence(
+                    computed, feed.batches, rebase_at=now + _SETTLE_S
+                )
                 continue
             if feed.batches != tr.batches:
                 if tr.silent:
                     log.info("kv events: pod %s feed resumed (seq %s)", pod.endpoint, feed.last_seq)
+                    self._mark_silent(pod.endpoint, False)
                 tr.batches, tr.silent, tr.due_since = feed.batches, False, None
                 # Count from a scrape taken after this batch (and the work behind it) settled:
                 # a scrape older than the batch would not show the tokens it announced.
@@ -212,15 +241,96 @@ class FleetFeeds:
             elif now - tr.due_since >= settings.silent_after_s:
                 tr.silent = True
                 sub.stats.silent_feeds += 1
+                self._mark_silent(pod.endpoint, True)
                 age = None if feed.last_event_at is None else now - feed.last_event_at
                 log.warning(
                     "kv events: pod %s feed is silent: its engine computed %d tokens and no "
-                    "batch arrived for %s (last seq %s); its precise index entries are stale",
+                    "batch arrived for %s (last seq %s); its precise index entries are stale "
+                    "(the router's own picks stand in for them until events resume)",
                     pod.endpoint,
                     computed - tr.computed,
                     "ever" if age is None else f"{age:.1f} s",
                     feed.last_seq,
                 )
+
+    def silence_baseline_ready(self, endpoint: str) -> bool:
+        """True once the silence rule has a settled baseline of the pod's counters: work the
+        engine does from now on without a batch will be told apart as silence."""
+        tr = self._silence.get(endpoint)
+        return tr is not None and tr.rebase_at is None
+
+    def _mark_silent(self, endpoint: str, silent: bool) -> None:
+        if self.precise_index is not None:
+            self.precise_index.mark_silent(endpoint, silent)
+
+    # ------------------------------------------------------------ config agreement
+    def check_agreement(self) -> None:
+        """Compare `blocks.block_size` and the router tokenizer with what each pod reports
+        (its `/metrics` block size, its latest `BlockStored`); warn once per disagreement."""
+        sub = self.subscriber
+        if sub is None:
+            return
+        want = self.config.blocks.block_size
+        samples = sub.ingester.stored_samples
+        for pod in self.registry:
+            reported = pod.metrics.block_size
+            if reported is not None and reported != want:
+                self._block_size_disagrees(pod.endpoint, reported, "its /metrics cache_config_info")
+            ev = samples.pop(pod.endpoint, None)
+            if ev is None:
+                continue
+            if ev.block_size != want:
+                self._block_size_disagrees(
+                    pod.endpoint, ev.block_size, "its KV events' BlockStored block_size"
+                )
+            vocab = self._router_vocab_size()
+            top = max(ev.token_ids, default=-1)
+            if vocab is not None and top >= vocab:
+                self._disagree(
+                    ("tokenizer", vocab, None),  # one warning, whichever pods show it
+                    f"the router's tokenizer ({self.config.blocks.tokenizer_path}) has "
+                    f"{vocab} tokens but pod {pod.endpoint}'s KV events carry token id {top}: "
+                    "the pod runs another tokenizer, so no event key can equal a prompt's; "
+                    "set blocks.tokenizer_path to the model's tokenizer.json",
+                )
+
+    def _block_size_disagrees(self, endpoint: str, reported: int, where: str) -> None:
+        want = self.config.blocks.block_size
+        if reported > 0 and reported % want == 0:
+            effect = (
+                f"each engine block is keyed as {reported // want} router blocks, and prompts "
+                f"ending inside an engine block are predicted as cached when they are not"
+            )
+        else:
+            effect = "its KV events cannot be keyed and are skipped (precise index stays empty)"
+        self._disagree(
+            ("block_size", want, reported),
+            f"blocks.block_size is {want} in the router config but pod {endpoint} reports "
+            f"{reported} ({where}): {effect}; set blocks.block_size: {reported}",
+        )
+
+    def _disagree(self, key: tuple[str, object, object], message: str) -> None:
+        if key in self._disagreements:
+            return
+        self._disagreements.add(key)
+        self.config_warnings.append(message)
+        log.warning("config: %s", message)
+
+    def _router_vocab_size(self) -> int | None:
+        """The router tokenizer's vocabulary size (loaded once; None without a tokenizer)."""
+        if self._vocab_size is None:
+            path = self.config.blocks.tokenizer_path
+            if not path:
+                return None
+            from tokenizers import Tokenizer
+
+            if Path(path).is_dir():
+                path = str(Path(path) / "tokenizer.json")
+            try:
+                self._vocab_size = Tokenizer.from_file(path).get_vocab_size()
+            except Exception:  # unreadable here; the keyer reports it where it loads it
+                self._vocab_size = -1
+        return None if self._vocab_size < 0 else self._vocab_size
 
     def feed_report(self, endpoint: str, now: float | None = None) -> dict[str, Any] | None:
         """The pod's KV-event feed for `/debug/pods` (None when events are off)."""

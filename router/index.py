@@ -23,6 +23,12 @@ released (`release_pending`: the request failed) or when its expiry passes (`exp
 Each pod counts, per key, how many live decisions hold it pending (`_PodBlocks.pending`), so two
 decisions sharing a prefix keep it pending until both are gone.
 
+Silent pods (the precise index's feed health): `mark_silent(pod, True)` says the pod's KV
+events stopped arriving while its engine works (`router.feeds`), so its entries here are
+stale and incomplete; readers (the scheduler) then complement them with the router's own
+record of its picks for that pod until `mark_silent(pod, False)`. The index itself keeps
+answering from what it holds.
+
 `longest_prefix` walks the request's key chain AND-ing masks and stops as soon as no pod still
 matches, so it costs O(matched blocks + pods that drop out), never O(index).
 """
@@ -100,6 +106,8 @@ class BlockIndex:
         self._pending: dict[int, int] = {}
         self._pending_heap: list[tuple[float, int, PendingEntry]] = []
         self._pending_seq = 0
+        #: Pods whose KV-event feed is silent (see the module docstring); empty = all fine.
+        self.silent_pods: set[str] = set()
 
     # ----------------------------------------------------------------- pods
     def _pod(self, pod: str) -> _PodBlocks:
@@ -116,6 +124,13 @@ class BlockIndex:
 
     def pods(self) -> list[str]:
         return list(self._pods)
+
+    def mark_silent(self, pod: str, silent: bool) -> None:
+        """Record that `pod`'s feed into this index went silent (True) or resumed (False)."""
+        if silent:
+            self.silent_pods.add(pod)
+        else:
+            self.silent_pods.discard(pod)
 
     def pod_block_count(self, pod: str) -> int:
         pb = self._pods.get(pod)
@@ -335,6 +350,7 @@ class BlockIndex:
 
     def drop_pod(self, pod: str) -> None:
         """Clear the pod and free its slot (the pod left the fleet)."""
+        self.silent_pods.discard(pod)
         pb = self._pods.get(pod)
         if pb is None:
             return

@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import signal
 import sys
 import threading
 import time
@@ -47,6 +48,7 @@ _CONSONANTS = "bdfgklmnprstvz"
 _VOWELS = "aeiou"
 #: 4-letter pseudo-words: token id t ↦ _WORDS[t % len(_WORDS)].
 _WORDS = [a + b + c + d for a in _CONSONANTS for b in _VOWELS for c in _CONSONANTS for d in _VOWELS]
+_WORD_ARRAY = np.array(_WORDS, dtype=object)
 
 
 #: Interval of the event-loop lag probe (seconds).
@@ -54,8 +56,11 @@ LOOP_PROBE_S = 0.005
 
 
 def tokens_to_text(token_ids: np.ndarray | list[int]) -> str:
-    n = len(_WORDS)
-    return " ".join(_WORDS[int(t) % n] for t in token_ids)
+    """Pseudo-words standing for the token ids. Vectorised: it runs on the load generator's
+    event loop before a request is stamped sent (a 39k-token prompt: ~70 ms as a Python
+    loop, ~2 ms so)."""
+    ids = np.asarray(token_ids, dtype=np.int64) % len(_WORDS)
+    return " ".join(_WORD_ARRAY[ids].tolist())
 
 
 @dataclass(slots=True)
@@ -105,6 +110,10 @@ class LoadReport:
     wall_s: float
     #: Event-loop lag samples (seconds) over the run.
     loop_lags: list[float] = field(default_factory=list)
+    #: Stopped early (`LoadGenerator.stop`, e.g. on SIGTERM): `results` holds the requests
+    #: that finished; `planned` is how many the workload had.
+    interrupted: bool = False
+    planned: int | None = None
 
     def summary(self) -> dict[str, Any]:
         ok = [r for r in self.results if r.ok]
@@ -122,7 +131,9 @@ class LoadReport:
         def ms(a: np.ndarray, q: float) -> float | None:
             return round(float(np.percentile(a, q)) * 1000, 3) if len(a) else None
 
+        partial = {"interrupted": True, "planned": self.planned} if self.interrupted else {}
         return {
+            **partial,
             "requests": len(self.results),
             "failed": len(self.results) - len(ok),
             "duration_s": round(self.wall_s, 3),
@@ -161,6 +172,15 @@ class LoadGenerator:
         #: Chat history after each turn (messages including the assistant's reply).
         self._history: dict[int, list[dict[str, str]]] = {}
         self.results: list[RequestResult | None] = [None] * len(self.arrivals)
+        self._work: asyncio.Future[None] | None = None
+        self._stopped = False
+
+    def stop(self) -> None:
+        """End the run now (from the loop's thread, e.g. a signal handler): requests in
+        flight are abandoned, and `run` returns the report of those that finished."""
+        self._stopped = True
+        if self._work is not None:
+            self._work.cancel()
 
     async def run(self) -> LoadReport:
         s = self.settings
@@ -170,15 +190,22 @@ class LoadGenerator:
         ) as client:
             probe = LoopLagProbe(asyncio.get_running_loop())
             start = time.perf_counter()
+            if s.rate is not None:
+                self._work = asyncio.ensure_future(self._open_loop(client, start))
+            else:
+                self._work = asyncio.ensure_future(self._closed_loop(client, s.concurrency or 1))
+            if self._stopped:
+                self._work.cancel()
             try:
-                if s.rate is not None:
-                    await self._open_loop(client, start)
-                else:
-                    await self._closed_loop(client, s.concurrency or 1)
+                await self._work
+            except asyncio.CancelledError:
+                if not self._stopped:
+                    raise
             finally:
                 lags = probe.stop()
             wall = time.perf_counter() - start
-        return LoadReport([r for r in self.results if r is not None], wall, lags)
+        done = [r for r in self.results if r is not None]
+        return LoadReport(done, wall, lags, self._stopped, len(self.arrivals))
 
     async def _closed_loop(self, client: httpx.AsyncClient, concurrency: int) -> None:
         queue: asyncio.Queue[Arrival] = asyncio.Queue()
@@ -341,8 +368,20 @@ def _content(event: dict[str, Any]) -> str:
     return c.get("text") or ""
 
 
-async def run_load(workload: Workload, settings: LoadSettings) -> LoadReport:
-    return await LoadGenerator(workload, settings).run()
+async def run_load(
+    workload: Workload, settings: LoadSettings, stop_on: tuple[int, ...] = ()
+) -> LoadReport:
+    """Run the load; the signals in `stop_on` (e.g. SIGTERM) end it early with the report of
+    what finished (main thread only)."""
+    gen = LoadGenerator(workload, settings)
+    loop = asyncio.get_running_loop()
+    for sig in stop_on:
+        loop.add_signal_handler(sig, gen.stop)
+    try:
+        return await gen.run()
+    finally:
+        for sig in stop_on:
+            loop.remove_signal_handler(sig)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -462,12 +501,21 @@ def run(args: argparse.Namespace) -> int:
         max_tokens_cap=args.max_tokens_cap,
     )
     with contextlib.suppress(KeyboardInterrupt):
-        report = asyncio.run(run_load(workload, settings))
+        stop_on = (signal.SIGTERM, signal.SIGINT)
+        report = asyncio.run(run_load(workload, settings, stop_on))
         summary = report.summary()
+        if report.interrupted:
+            print(
+                f"kvroute loadgen: stopped by a signal; the summary covers the "
+                f"{summary['requests']} of {report.planned} requests that finished",
+                file=sys.stderr,
+            )
         if args.json:
-            print(json.dumps(summary))
+            print(json.dumps(summary), flush=True)
         else:
             print(f"{workload.name}: {workload.description}")
-            print(format_table({"result": summary}))
+            print(format_table({"result": summary}), flush=True)
+        if report.interrupted:
+            return 130
         return 0 if summary["failed"] == 0 else 1
     return 130

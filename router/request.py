@@ -48,11 +48,15 @@ class RequestError(Exception):
     503 no pod); `code` a short machine-readable reason.
     """
 
-    def __init__(self, status: int, message: str, code: str = "invalid_request") -> None:
+    def __init__(
+        self, status: int, message: str, code: str = "invalid_request", param: str | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code
+        #: The body field at fault, when there is one (vLLM's `param`).
+        self.param = param
 
     @property
     def error_type(self) -> str:
@@ -750,7 +754,7 @@ def _priority(body: dict[str, Any], hdrs: Mapping[str, str], header: str) -> int
 
 
 def _field_error(name: str, problem: str, code: str = "invalid_request") -> RequestError:
-    return RequestError(400, f"'{name}' {problem}", code=code)
+    return RequestError(400, f"'{name}' {problem}", code=code, param=name)
 
 
 def _json_type(value: Any) -> str:

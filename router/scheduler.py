@@ -15,6 +15,12 @@ announced only when computed. So `on_pick` records each decision there as pendin
 the pending entry expires `prefix_index.pending_ttl_s` after the prefill ran, or
 `pending_max_s` after the pick, or goes at once when the request fails.
 
+A pod whose KV-event feed is silent (`BlockIndex.silent_pods`, set by `router.feeds`) has a
+stale precise record; for it, precise lookups also read the approximate index of the
+router's own picks (LRU-bounded, recorded whenever a plugin reads either index) and take the
+longer match, until its events resume and the precise index (refilled by replay) is the
+truth again.
+
 A scorer may offer `score_details(ctx, pods) -> (scores, details)`, one dict of named figures
 per pod (e.g. a predicted TTFT and its parts); the profile then calls it instead of `score`
 and the decision carries the details into its explanation.
@@ -305,7 +311,9 @@ class Scheduler:
         #: Some plugin reads a prefix index, so requests need block keys (and token counts).
         #: Without one (e.g. a round-robin profile) a request is never tokenized.
         self.needs_keys = bool(index_readers)
-        self._record_approx = "approximate" in index_readers
+        #: Picks are recorded in the approximate index when a plugin reads it, and in precise
+        #: mode too: it is the fallback record of a pod whose feed goes silent.
+        self._record_approx = bool(index_readers & {"approximate", "precise"})
         #: Decisions are recorded in the precise index as pending when something reads it.
         self._pending_ttl = pi.pending_ttl_s if "precise" in index_readers else None
         self._pending_max = pi.pending_max_s
@@ -343,7 +351,7 @@ class Scheduler:
             prompt_tokens=prompt_tokens,
             tokens_per_block=self.config.blocks.tokens_per_block,
             rng=self.rng,
-            _lookup=lambda mode: self.indexes[mode].longest_prefix(keys),
+            _lookup=lambda mode: self._longest_prefix(mode, keys),
         )
         pods = self._model_filter.filter(ctx, self.registry.all())
         if not pods:
@@ -382,6 +390,19 @@ class Scheduler:
             prompt_tokens=ctx.prompt_tokens,
             elapsed_s=time.perf_counter() - t0,
         )
+
+    def _longest_prefix(self, mode: str, keys: Sequence[int]) -> dict[str, float]:
+        """The `mode` index's match per pod; for a silent pod in precise mode, the longer of
+        its precise match and the router's own record of its picks."""
+        result = self.indexes[mode].longest_prefix(keys)
+        silent = self.precise_index.silent_pods
+        if silent and mode == "precise":
+            own = self.approx_index.longest_prefix(keys)
+            for pod in silent:
+                n = own.get(pod)
+                if n is not None and n > result.get(pod, 0.0):
+                    result[pod] = n
+        return result
 
     def prepare(self, req: RoutingRequest) -> None:
         """Do the request-only part of scheduling ahead: tokenize and key the prompt (kept on

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -114,6 +115,8 @@ def parse_vllm_metrics(text: str, model: str | None = None, *, now: float) -> Me
                 continue
             for sample in family.samples:
                 labels = sample.labels
+                if not math.isfinite(sample.value):
+                    continue  # NaN/±Inf from a broken exporter: no count or time in it
                 if name == PROCESS_START:
                     start_time = sample.value
                     continue
@@ -148,7 +151,7 @@ def parse_vllm_metrics(text: str, model: str | None = None, *, now: float) -> Me
                             labels.get("waiting_lora_adapters", ""),
                         )
                 elif name == CACHE_CONFIG and "block_size" in labels:
-                    block_size = int(labels["block_size"])
+                    block_size = _positive_int(labels["block_size"]) or block_size
     except MetricsParseError:
         raise
     except Exception as exc:  # the parser raises ValueError, but also others on odd bytes
@@ -168,8 +171,8 @@ def parse_vllm_metrics(text: str, model: str | None = None, *, now: float) -> Me
         running_adapters.update(_split_names(run))
         waiting_adapters.update(_split_names(wait))
     return MetricsSnapshot(
-        waiting=int(waiting),
-        running=int(running),
+        waiting=max(0, int(waiting)),
+        running=max(0, int(running)),
         kv_utilization=min(1.0, max(0.0, kv)),
         running_adapters=frozenset(running_adapters),
         waiting_adapters=frozenset(waiting_adapters),
@@ -196,6 +199,11 @@ _KNOWN = frozenset(
     }
 )
 _KNOWN_LINE_NAMES = _KNOWN | {f"{name}_total" for name in (PREFIX_QUERIES, PREFIX_HITS)}
+
+
+def _positive_int(text: str) -> int | None:
+    """A label's positive decimal integer, else None (labels are free text: "x", "0", "²")."""
+    return int(text) if text.isascii() and text.isdigit() and int(text) > 0 else None
 
 
 def _split_names(csv: str) -> list[str]:
@@ -331,6 +339,12 @@ class MetricsScraper:
             self._failed(endpoint, str(exc))
         except (httpx.HTTPError, OSError) as exc:
             self._failed(endpoint, repr(exc))
+        except Exception as exc:
+            # A client-library bug on an odd connection (anyio's AttributeError on a socket
+            # reset right after accept, seen under chaos) is a failed scrape too: escaping, it
+            # left the pod's state untouched and asyncio logged "Task exception was never
+            # retrieved".
+            self._failed(endpoint, f"{type(exc).__name__}: {exc}")
         else:
             self._succeeded(endpoint, snapshot)
 

@@ -1,11 +1,14 @@
 """TokenizeWorker: run `Scheduler.prepare` (tokenize + key a prompt) off a face's event loop.
 
 Tokenizing a long prompt costs milliseconds (an 8k-token chat ≈ 12 ms with a BPE tokenizer);
-on the event loop that stalls every other request of the face. The `tokenizers` library
-releases the GIL while it encodes, so a worker thread both unblocks the loop and uses the
-second core. One thread: the tokenizer's prefix cache is not thread-safe, and one encode at a
-time keeps the cache's hit order deterministic. Character mode and prompts given as token ids
-are cheap and stay on the loop.
+on the event loop that stalls every other request of the face. A worker thread unblocks the
+loop only while the tokenizer releases the GIL: `tokenizers` 0.23's `encode_batch` does, its
+`Tokenizer.encode` does NOT (measured: a 0.5 s `encode` of a 70k-token prompt in a thread
+stalled the main thread 0.54 s; `encode_batch` of the same text, 8.5 ms at most), so what the
+scheduler's tokenizer calls decides whether this thread helps (see router/bytelevel.py for a
+cheaper exact encoder). One thread: the tokenizer's prefix cache is not thread-safe, and one
+encode at a time keeps the cache's hit order deterministic. Character mode and prompts given as
+token ids are cheap and stay on the loop.
 """
 
 from __future__ import annotations

@@ -47,6 +47,15 @@ fleet (ρ ≈ 0) the cost is the predicted TTFT; when every pod has a queue, rec
 charged in full. Both figures are in the explanation (`predicted_ttft_s`,
 `routing_cost_s`, and `work_charge` = workWeight · ρ).
 
+Placement (`loadHorizonS`, 30 s; 0 turns it off): a request that misses seeds its prefix on
+the pod it lands on, and later requests sharing the prefix follow it there, so the cost also
+carries `placement_s` = reuse · seed · (W̄ − min W̄): W̄ is the pod's wait (queued prefill +
+decode interference as predicted) sampled at every decision and averaged over the horizon,
+seed the share of the prompt the request would compute there, reuse the share of prompt
+tokens recent picks found cached (a trace with little reuse keeps routing by the instant).
+Without it cold prefixes go to whichever pod is idle at that instant and prefix groups pile
+up unevenly (measured: 11 to 28 groups of 128 on 8 pods).
+
 Hot spots need no rule of their own: the pod holding a hot prefix has it cached (small U)
 but a long queue (large Q); once its queue costs more than recomputing the prefix on an idle
 pod, that pod predicts the lower TTFT and the prefix then lives on both.
@@ -78,6 +87,8 @@ _K_MIN, _K_MAX = 0.2, 20.0
 #: Features older than this many outstanding decisions are forgotten (a face that never
 #: reports back must not grow memory).
 _MAX_OPEN = 200_000
+#: Decisions' worth of weight of the reuse estimate's prior (full reuse).
+_REUSE_PRIOR = 300
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +181,7 @@ class PredictedTTFTScorer(DetailedScorer, LearningPlugin):
         "ridge": float,
         "podRidge": float,
         "workWeight": float,
+        "loadHorizonS": float,
     }
 
     def __init__(self, name: str, params: dict[str, Any], env: PluginEnv) -> None:
@@ -202,6 +214,10 @@ class PredictedTTFTScorer(DetailedScorer, LearningPlugin):
         self.work_weight = 1.0 if work_weight is None else float(work_weight)
         if self.work_weight < 0:
             raise ParameterError("predicted-ttft-scorer workWeight must be >= 0")
+        horizon = params.get("loadHorizonS")
+        self.load_horizon_s = 30.0 if horizon is None else float(horizon)
+        if self.load_horizon_s < 0:
+            raise ParameterError("predicted-ttft-scorer loadHorizonS must be >= 0")
         pod_ridge = params.get("podRidge")
         self.pod_ridge = 1.0 if pod_ridge is None else float(pod_ridge)
         if not 0.0 < self.decay <= 1.0 or self.ridge < 0 or self.pod_ridge < 0:
@@ -224,6 +240,10 @@ class PredictedTTFTScorer(DetailedScorer, LearningPlugin):
         self._open: dict[int, _Open] = {}
         self._last_request: object = None
         self._last: dict[str, tuple[float, float, float, int]] = {}
+        #: Per pod: (time-averaged wait in seconds, when last sampled).
+        self._typical: dict[str, tuple[float, float]] = {}
+        #: Token-weighted share of prompts the picked pods held (EW sums: cached, prompt).
+        self._reuse = [0.0, 0.0]
 
     # ------------------------------------------------------------------ prediction
     def fit(self, endpoint: str) -> _Fit:
@@ -284,6 +304,8 @@ class PredictedTTFTScorer(DetailedScorer, LearningPlugin):
             for d in parts:
                 d["work_charge"] = charge
                 d["routing_cost_s"] = d["predicted_ttft_s"] + charge * d["own_prefill_s"]
+        if self.load_horizon_s and parts:
+            self._charge_placement(ctx, pods, parts)
         r = self.rates
         self._last_request = ctx.request
         self._last = {}
@@ -298,9 +320,63 @@ class PredictedTTFTScorer(DetailedScorer, LearningPlugin):
         best = min(times) if times else 0.0
         return [best / t for t in times], parts
 
+    def _charge_placement(
+        self, ctx: SchedulingContext, pods: Sequence[Pod], parts: list[dict[str, float]]
+    ) -> None:
+        """Charge a request that seeds a prefix with the pod's time-averaged wait.
+
+        A request that misses places its prefix where it lands, and the requests that share
+        the prefix later follow it there, so the pod's long-run load matters more for it than
+        the queue of this instant (which is empty on most pods most of the time, so a cold
+        request alone would go to whichever pod happens to be idle and groups pile up
+        unevenly). Each pod's wait (queued prefill + decode interference, as predicted) is
+        sampled at every decision — arrivals see time averages — and averaged over
+        `loadHorizonS`; the charge is how much that average exceeds the least-loaded
+        candidate's, times the share of the prompt the request seeds there (1 for a cold
+        prompt, near 0 for a hit, so hits stay with their holder; 0 on an idle fleet), times
+        the traffic's recent reuse (`reuse`): where prompts rarely share a prefix, a seed
+        draws few followers and the queue of this instant is what counts.
+        """
+        now = ctx.now
+        horizon = self.load_horizon_s
+        prompt = max(1, ctx.prompt_tokens)
+        typical = []
+        for p, d in zip(pods, parts, strict=True):
+            sample = d["queued_prefill_s"] + d["decode_interference_s"]
+            prev = self._typical.get(p.endpoint)
+            if prev is None:
+                value = sample
+            else:
+                w = math.exp(-max(0.0, now - prev[1]) / horizon)
+                value = w * prev[0] + (1.0 - w) * sample
+            self._typical[p.endpoint] = (value, now)
+            typical.append(value)
+        least = min(typical)
+        reuse = self.reuse()
+        for d, value in zip(parts, typical, strict=True):
+            seed = min(1.0, d["uncached_tokens"] / prompt)
+            d["typical_wait_s"] = value
+            d["placement_s"] = reuse * seed * (value - least)
+            d["routing_cost_s"] += d["placement_s"]
+
+    def reuse(self) -> float:
+        """Share of prompt tokens the chosen pods held, over recent decisions (EW, ~500
+        decisions); 1 before any. Seeding a prefix matters as much as traffic reuses them."""
+        cached, prompt = self._reuse
+        return cached / prompt if prompt > 0 else 1.0
+
     # ------------------------------------------------------------------ learning hooks
     def on_pick(self, decision: Decision, now: float) -> None:
         worker = decision.prefill or decision.target
+        if decision.prompt_tokens > 0:
+            if not self._reuse[1]:
+                # Prior: full reuse, weighing like _REUSE_PRIOR decisions of this size. A
+                # fleet's first prompts all miss, yet they are the seeds placed: reuse is
+                # learnt from traffic, not from the cold start.
+                self._reuse = [_REUSE_PRIOR * decision.prompt_tokens] * 2
+            held = max(0, decision.prompt_tokens - decision.uncached_tokens)
+            self._reuse[0] = 0.998 * self._reuse[0] + held
+            self._reuse[1] = 0.998 * self._reuse[1] + decision.prompt_tokens
         self._prefilling[worker] = self._prefilling.get(worker, 0) + 1
         feats = self._last.get(worker) if decision.request is self._last_request else None
         tokens = decision.uncached_tokens

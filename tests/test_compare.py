@@ -109,6 +109,9 @@ def test_compare_writes_the_contract_json(tmp_path: Path) -> None:
         assert 0.0 <= row["hit_rate"] <= 1.0
         assert row["ttft_p50_s"] <= row["ttft_p95_s"] <= row["ttft_p99_s"]
         assert row["router_cpu_s"] > 0 and row["router_peak_rss_mb"] > 10
+        # What else kept the fleet's core busy, and the machine's load, beside each figure.
+        assert 0.0 < row["fleet_cpu_busy"] <= 1.0 and row["loadavg_1m"] >= 0.0
+        assert 0.0 < row["fleet_cpu_share"] < 2.0  # the pods and the load generator did work
     assert [o["router"] for o in result["overhead"]] == routers
     for o in result["overhead"]:
         assert set(o) == OVERHEAD_KEYS and o["rps"] > 0
@@ -325,3 +328,21 @@ def test_self_spread_is_the_widest_pod_share_range() -> None:
     assert validate_peers.self_spread_pts([[10, 10]]) is None
     # Shares (50, 50), (70, 30), (40, 60): pod 0 ranges 40..70 = 30 points, pod 1 too.
     assert validate_peers.self_spread_pts([[10, 10], [14, 6], [8, 12]]) == 30.0
+
+
+def test_fleet_core_busy_share_sees_a_busy_loop_on_that_core() -> None:
+    core = min(os.sched_getaffinity(0))
+    before = compare.cpu_busy_ticks(frozenset({core}))
+    assert before is not None and 0 <= before[0] <= before[1]
+    spinner = subprocess.Popen(
+        ["taskset", "-c", str(core), sys.executable, "-c", "while True: pass"]
+    )
+    try:
+        time.sleep(1.0)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    share = compare.busy_share(before, compare.cpu_busy_ticks(frozenset({core})))
+    assert share is not None and 0.9 <= share <= 1.0
+    assert compare.busy_share(None, before) is None
+    assert compare.cpu_busy_ticks(None) is None

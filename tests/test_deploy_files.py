@@ -22,7 +22,7 @@ from envoy_extproc import cli as serve_cli
 from envoy_extproc.envoy_process import BOOTSTRAPS, envoy_binary, render_bootstrap
 from envoy_extproc.messages import DESTINATION_HEADER
 from envoy_extproc.metrics import PickerMetrics
-from envoy_extproc.server import HEALTH_SERVICES
+from envoy_extproc.server import EXT_PROC_SERVICE, HEALTH_SERVICES
 from envoy_extproc.settings import GRPC_PORT, HEALTH_PORT, METRICS_PORT
 from router.config import parse_config
 from router.discovery.static import StaticDiscoveryStats
@@ -92,6 +92,30 @@ def test_deployment_args_parse_with_the_cli_and_ports_match_the_code() -> None:
     assert spec["terminationGracePeriodSeconds"] > args.grace_period
 
 
+def test_shutdown_budget_fits_the_termination_grace_and_the_longest_route() -> None:
+    """preStop sleep + lame duck + drain grace < terminationGracePeriodSeconds, and the drain
+    lasts as long as the routes let a request run, so no stream Envoy allows is cut."""
+    args, container = picker_args()
+    spec = one(K8S, "Deployment")["spec"]["template"]["spec"]
+    pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert pre_stop > 0 and args.lame_duck > 0
+    assert pre_stop + args.lame_duck + args.grace_period < spec["terminationGracePeriodSeconds"]
+    boot = yaml.safe_load(
+        render_bootstrap("FULL_DUPLEX_STREAMED", listen_port=1, admin_port=2, picker_port=3)
+    )
+    hcm = boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    routes = hcm["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
+    longest = max(_seconds(r["route"]["timeout"]) for r in routes if "route" in r)
+    assert args.grace_period >= longest
+    ready = container["readinessProbe"]
+    assert args.lame_duck >= ready["periodSeconds"] * ready["failureThreshold"]
+
+
+def _seconds(duration: str) -> float:
+    assert duration.endswith("s"), duration
+    return float(duration[:-1])
+
+
 def test_config_map_is_a_valid_router_config_at_the_path_serve_reads() -> None:
     args, container = picker_args()
     spec = one(K8S, "Deployment")["spec"]["template"]["spec"]
@@ -153,7 +177,12 @@ def test_envoy_filter_matches_the_shipped_full_duplex_bootstrap() -> None:
         render_bootstrap("FULL_DUPLEX_STREAMED", listen_port=1, admin_port=2, picker_port=3)
     )
     shipped = _ext_proc(boot)
-    assert ext_proc["processing_mode"] == shipped["processing_mode"]
+    for key in ("processing_mode", "failure_mode_allow", "status_on_error", "message_timeout"):
+        assert ext_proc[key] == shipped[key], key
+    (hcm_patch,) = [p for p in ef["spec"]["configPatches"] if p["applyTo"] == "NETWORK_FILTER"]
+    mappers = hcm_patch["patch"]["value"]["typed_config"]["local_reply_config"]["mappers"]
+    boot_hcm = boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    assert mappers[0] == boot_hcm["typed_config"]["local_reply_config"]["mappers"][0]
     cluster = patches["CLUSTER"]
     assert cluster["original_dst_lb_config"]["http_header_name"] == DESTINATION_HEADER
     assert patches["HTTP_ROUTE"]["route"]["cluster"] == cluster["name"]
@@ -172,7 +201,15 @@ def test_envoy_bootstrap_routes_by_the_destination_header_in_its_body_mode(mode:
     )
     ext_proc = _ext_proc(boot)
     assert ext_proc["processing_mode"]["request_body_mode"] == mode
+    # Picker down: refuse at once with a 503 (never pass the request on unrouted); a routing
+    # answer may wait for a long body, so well above Envoy's 200 ms default.
     assert ext_proc["failure_mode_allow"] is False
+    assert ext_proc["status_on_error"] == {"code": 503}
+    assert _seconds(ext_proc["message_timeout"]) >= 60
+    # Response bodies go through the picker only in full-duplex mode (usage, TTFT); the others
+    # keep the picker out of the response so its death cannot cut a stream.
+    response_mode = ext_proc["processing_mode"]["response_body_mode"]
+    assert response_mode == ("FULL_DUPLEX_STREAMED" if mode == "FULL_DUPLEX_STREAMED" else "NONE")
     assert ext_proc.get("send_body_without_waiting_for_header_response", False) == (
         mode == "STREAMED"
     )
@@ -185,6 +222,9 @@ def test_envoy_bootstrap_routes_by_the_destination_header_in_its_body_mode(mode:
     assert "http2_protocol_options" in next(iter(opts.values()))["explicit_http_config"]
     port = picker["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
     assert port["socket_address"]["port_value"] == GRPC_PORT
+    (check,) = picker["health_checks"]
+    assert check["grpc_health_check"]["service_name"] == EXT_PROC_SERVICE
+    assert EXT_PROC_SERVICE in HEALTH_SERVICES
 
 
 @pytest.mark.skipif(envoy_binary() is None, reason="no envoy binary")

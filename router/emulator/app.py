@@ -1,10 +1,11 @@
 """The pod's HTTP faces: vLLM's OpenAI API app and the side-channel app (KV pulls, admin).
 
 API app: `POST /v1/completions`, `POST /v1/chat/completions` (SSE or JSON), `GET /v1/models`,
-`GET /health`, `POST /tokenize`, `GET /metrics`, `GET /version`, `POST /reset_prefix_cache`,
+`GET /health`, `GET /ping`, `POST /tokenize`, `POST /detokenize`, `GET /metrics`, `GET /version`,
+`POST /reset_prefix_cache`,
 `POST /v1/completions/render` and `/v1/chat/completions/render` (token ids per prompt),
 and the emulator's own `GET /admin/timings`. Bodies are parsed by the router's
-`parse_request`, so a bad body gets the same 400 as from kvroute's faces.
+`parse_request`; errors are answered in vLLM's shape and wording (`errors`).
 
 Side-channel app: `POST /kv/pull`, `POST /kv/release` (see `kv_transfer`), `GET /health`.
 
@@ -24,18 +25,20 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import msgspec
+import xxhash
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from router.emulator import wire
+from router.emulator import errors, wire
 from router.emulator.faults import FaultUpdateError
 from router.emulator.runtime import PodRuntime, Prepared
 from router.request import RequestError, parse_request
 
 log = logging.getLogger(__name__)
 
-VLLM_VERSION = "0.10.1+kvroute.emulator"
+#: The vLLM release whose wire formats the emulator follows (tests/real_vllm checks them).
+VLLM_VERSION = "0.32.0+kvroute.emulator"
 
 
 class StreamBroken(RuntimeError):
@@ -47,7 +50,9 @@ def _json(obj: Any, status: int = 200) -> Response:
     return Response(wire.encode(obj), status_code=status, media_type="application/json")
 
 
-def _error(err: RequestError) -> Response:
+def _error(err: RequestError, *, validation: bool = False) -> Response:
+    """`validation`: the body failed parsing (vLLM's pydantic layer words those differently)."""
+    err = errors.as_vllm(err, validation=validation)
     return Response(wire.error_body(err), status_code=err.status, media_type="application/json")
 
 
@@ -65,14 +70,20 @@ def build_api_app(rt: PodRuntime, refuse: Callable[[float], Awaitable[None]]) ->
     @app.get("/v1/models")
     async def models() -> Response:
         created = int(time.time())
+        # vLLM's root is the model path it loaded; the emulator's is the profile's model.
         data = [
-            _model_card(rt.model, None, created, rt.settings.max_model_len),
-            *(_model_card(a, rt.model, created, None) for a in sorted(rt.adapters)),
+            _model_card(rt.model, None, created, rt.settings.max_model_len, rt.profile.model.name),
+            *(_model_card(a, rt.model, created, None, a) for a in sorted(rt.adapters)),
         ]
         return _json({"object": "list", "data": data})
 
     @app.get("/health")
     async def health() -> Response:
+        return Response(status_code=503 if rt.faults.settings.unhealthy else 200)
+
+    @app.api_route("/ping", methods=["GET", "POST"])
+    async def ping() -> Response:
+        # SageMaker's health route in vLLM: the same answer as /health.
         return Response(status_code=503 if rt.faults.settings.unhealthy else 200)
 
     @app.get("/version")
@@ -86,6 +97,10 @@ def build_api_app(rt: PodRuntime, refuse: Callable[[float], Awaitable[None]]) ->
     @app.post("/tokenize")
     async def tokenize(request: Request) -> Response:
         return _tokenize(rt, await request.body())
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> Response:
+        return _detokenize(rt, await request.body())
 
     @app.post("/v1/completions/render")
     async def render_completions(request: Request) -> Response:
@@ -201,18 +216,20 @@ def _object(raw: bytes) -> dict[str, Any] | None:
     return body if isinstance(body, dict) else None
 
 
-def _model_card(name: str, parent: str | None, created: int, max_len: int | None) -> dict:
+def _model_card(
+    name: str, parent: str | None, created: int, max_len: int | None, root: str
+) -> dict:
     return {
         "id": name,
         "object": "model",
         "created": created,
         "owned_by": "vllm",
-        "root": name,
+        "root": root,
         "parent": parent,
         "max_model_len": max_len,
         "permission": [
             {
-                "id": f"modelperm-{name}",
+                "id": f"modelperm-{xxhash.xxh3_64_hexdigest(name.encode())}",
                 "object": "model_permission",
                 "created": created,
                 "allow_create_engine": False,
@@ -232,7 +249,9 @@ def _model_card(name: str, parent: str | None, created: int, max_len: int | None
 def _tokenize(rt: PodRuntime, raw: bytes) -> Response:
     body = _object(raw)
     if body is None:
-        return _error(RequestError(400, "body must be a JSON object", "invalid_json"))
+        return _error(
+            RequestError(400, "body must be a JSON object", "invalid_json"), validation=True
+        )
     body.setdefault("model", rt.model)
     chat = "messages" in body
     try:
@@ -255,6 +274,22 @@ def _tokenize(rt: PodRuntime, raw: bytes) -> Response:
             "token_strs": None,
         }
     )
+
+
+def _detokenize(rt: PodRuntime, raw: bytes) -> Response:
+    body = _object(raw)
+    if body is None:
+        return _error(
+            RequestError(400, "body must be a JSON object", "invalid_json"), validation=True
+        )
+    model = body.get("model", rt.model)
+    if model is not None and model != rt.model and model not in rt.adapters:
+        return _error(errors.unknown_model(str(model), [rt.model]))
+    tokens = body.get("tokens")
+    if not isinstance(tokens, list) or any(type(t) is not int or t < 0 for t in tokens):
+        err = RequestError(400, "'tokens' must be a list of token ids (integers >= 0)")
+        return _error(err, validation=True)
+    return _json({"prompt": "".join(rt.tokenizer.piece(t) for t in tokens)})
 
 
 async def _render(rt: PodRuntime, request: Request, path: str) -> Response:
@@ -300,7 +335,10 @@ async def _generate(rt: PodRuntime, request: Request, path: str) -> Response:
             adapters=rt.adapters,
             now=time.time(),
         )
-        prep = rt.prepare(req)
+    except RequestError as err:
+        return _error(err, validation=True)
+    try:
+        prep = await rt.prepare_async(req)
     except RequestError as err:
         return _error(err)
     status = rt.faults.error_status()
@@ -373,11 +411,7 @@ async def _stream(rt: PodRuntime, prep: Prepared) -> AsyncIterator[bytes]:
     try:
         if prep.chat:
             for gen in gens:
-                yield wire.sse(
-                    wire.chat_chunk(
-                        rid, created, model, gen.index, {"role": "assistant", "content": ""}, None
-                    )
-                )
+                yield wire.sse(wire.chat_role_chunk(rid, created, model, gen.index))
         while True:
             for gen in gens:
                 if gen.failed:
@@ -419,21 +453,27 @@ async def _stream(rt: PodRuntime, prep: Prepared) -> AsyncIterator[bytes]:
 def _token_chunk(
     prep: Prepared, gen: Any, rid: str, created: int, model: str, new: int, sent_total: int
 ) -> bytes:
+    """The SSE events of a choice's next `new` tokens: one chunk per token, as vLLM sends
+    (one engine step yields one token per request)."""
     plan = gen.plan
-    start = gen.sent
-    gen.sent += new
-    text = "".join(plan.pieces[start : gen.sent])
-    last = gen.finished is not None and gen.sent == plan.num_tokens
-    finish = plan.finish_reason if last else None
-    stop_reason = plan.stop_reason if last else None
-    if prep.chat:
-        chunk = wire.chat_chunk(
-            rid, created, model, gen.index, {"content": text}, finish, stop_reason, final=last
-        )
-    else:
-        if start == 0 and prep.echo_text[gen.index]:
-            text = prep.echo_text[gen.index] + text
-        chunk = wire.completion_chunk(rid, created, model, gen.index, text, finish, stop_reason)
-    if prep.continuous_usage:
-        chunk["usage"] = wire.stream_usage(sum(prep.prompt_tokens), sent_total + new)
-    return wire.sse(chunk)
+    out = []
+    for _ in range(new):
+        start = gen.sent
+        gen.sent += 1
+        sent_total += 1
+        text = plan.pieces[start]
+        last = gen.finished is not None and gen.sent == plan.num_tokens
+        finish = plan.finish_reason if last else None
+        stop_reason = plan.stop_reason if last else None
+        if prep.chat:
+            chunk = wire.chat_chunk(
+                rid, created, model, gen.index, {"content": text}, finish, stop_reason, final=last
+            )
+        else:
+            if start == 0 and prep.echo_text[gen.index]:
+                text = prep.echo_text[gen.index] + text
+            chunk = wire.completion_chunk(rid, created, model, gen.index, text, finish, stop_reason)
+        if prep.continuous_usage:
+            chunk["usage"] = wire.stream_usage(sum(prep.prompt_tokens), sent_total)
+        out.append(wire.sse(chunk))
+    return b"".join(out)

@@ -73,7 +73,25 @@ def add_pod_arguments(p: argparse.ArgumentParser, *, fleet: bool = False) -> Non
             metavar="ADDR",
             help="replay ROUTER socket to bind (default tcp://HOST:0)",
         )
-        p.add_argument("--events-topic", help="topic (default kv@HOST:PORT@MODEL)")
+        p.add_argument(
+            "--events-topic",
+            default=d.events_topic,
+            help="topic of every batch (default empty, as vLLM's); {endpoint} and {model} are "
+            "filled in, e.g. 'kv@{endpoint}@{model}' (llm-d's convention)",
+        )
+        p.add_argument(
+            "--events-connect-wait-s",
+            type=float,
+            default=d.events_connect_wait_s,
+            help="with --events-connect: hold batches until the router's SUB has subscribed, "
+            "at most this long (default %(default)s s)",
+        )
+    p.add_argument(
+        "--tokenize-process",
+        action="store_true",
+        help="tokenize long prompts in a child process, off the engine's step loop (as vLLM's "
+        "API server does; the live benchmark's setting)",
+    )
     p.add_argument("--profile", default=d.profile, help="latency profile (default %(default)s)")
     p.add_argument("--model", help="served model name (default: the profile's model)")
     p.add_argument(
@@ -104,6 +122,9 @@ def add_pod_arguments(p: argparse.ArgumentParser, *, fleet: bool = False) -> Non
     )
     p.add_argument("--max-model-len", type=int, default=d.max_model_len)
     p.add_argument("--num-gpu-blocks", type=int, help="override the profile's KV block count")
+    p.add_argument(
+        "--block-size", type=int, help="tokens per KV block (vLLM's flag; default: the profile's)"
+    )
     p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
     p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
     p.add_argument("--output-mode", choices=("random", "echo"), default=d.output_mode)

@@ -7,7 +7,10 @@ get SIGTERM if the fleet's process dies (Linux parent-death signal), so none out
 
 `config_yaml()` is a kvroute config whose `pods:` list names each pod with its role, model,
 adapters and KV-event endpoints (`router.config.load_config` reads it as is); with a
-`--tokenizer`, a `blocks:` section puts the router in token mode on the same file.
+`--tokenizer`, a `blocks:` section puts the router in token mode on the same file. Its
+`events:` section says how the router gets the events: `connect` (a SUB per pod, to each
+pod's bound PUB) or, with `events_connect`, `bind` on that address (the pods connect to it,
+with topics `kv@<endpoint>@<model>` so the one socket tells them apart).
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ import yaml
 from router.blocks import BUNDLED_TOKENIZER
 
 EventsMode = Literal["bind", "connect", "none"]
+#: Topic of pods that connect to the router's SUB (llm-d's convention; the router's bind mode
+#: learns the pod from it).
+CONNECT_TOPIC = "kv@{endpoint}@{model}"
 
 
 class FleetError(RuntimeError):
@@ -172,7 +178,7 @@ class EmulatedFleet:
             cmd += ["--events-bind", f"tcp://{self.host}:0"]
         elif self.events == "connect":
             assert self.events_connect is not None
-            cmd += ["--events-connect", self.events_connect]
+            cmd += ["--events-connect", self.events_connect, "--events-topic", CONNECT_TOPIC]
         return cmd + self.pod_args
 
     # ---------------------------------------------------------------- lifecycle
@@ -279,6 +285,10 @@ class EmulatedFleet:
                 entry["adapters"] = list(pod.adapters)
             pods.append(entry)
         doc: dict[str, Any] = {"pods": pods}
+        if self.events == "connect":
+            doc["events"] = {"mode": "bind", "endpoint": self.events_connect}
+        elif self.events == "bind":
+            doc["events"] = {"mode": "connect"}
         tokenizer = _option(self.pod_args, "--tokenizer") or BUNDLED_TOKENIZER
         if tokenizer != "builtin":
             doc["blocks"] = {

@@ -5,6 +5,8 @@ the request preparation the HTTP routes share.
 several), token ids, the output plan of every choice (`n` per prompt), the P/D role's changes
 (a prefill pod runs one token and pins; a decode pod pulls), and the checks vLLM makes (context
 length, sampling fields). Errors are `RequestError`s with vLLM's 400 wording where it has one.
+`prepare_async` is the same with long prompts tokenized in the pod's tokenizer process when
+`settings.tokenize_process` is on (router/emulator/tokenize_process.py), off the step loop.
 """
 
 from __future__ import annotations
@@ -16,13 +18,17 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from router.blocks import token_block_keys
+from router.emulator import errors as vllm_errors
 from router.emulator.driver import EngineDriver, Generation, Job
 from router.emulator.faults import FaultState
 from router.emulator.kv_transfer import KVPuller, PinnedTransfers
 from router.emulator.metrics import PodMetrics
 from router.emulator.output import OutputRequest, plan_output
 from router.emulator.settings import EmulatorSettings
+from router.emulator.tokenize_process import MIN_CHARS, TokenizeProcess
 from router.emulator.tokenizer import EmulatorTokenizer, load_tokenizer
 from router.events.publisher import KVEventPublisher
 from router.events.types import KVEvent
@@ -78,7 +84,12 @@ class PodRuntime:
         }
         if settings.num_gpu_blocks is not None:
             overrides["num_gpu_blocks"] = settings.num_gpu_blocks
+        if settings.block_size is not None:
+            overrides["block_size"] = settings.block_size
         self.engine_config = EngineConfig.from_profile(self.profile, **overrides)
+        self.tokenize_process = TokenizeProcess(
+            settings.tokenizer, self.engine_config.block_size, settings.seed
+        )
         self.engine = Engine(
             "emulator",
             self.engine_config,
@@ -148,11 +159,42 @@ class PodRuntime:
     def served_models(self) -> list[str]:
         return [self.model, *sorted(self.adapters)]
 
+    def close(self) -> None:
+        """Stop the tokenizer process (the pod is stopping)."""
+        self.tokenize_process.close()
+
     # ------------------------------------------------------------------ requests
-    def prepare(self, req: RoutingRequest) -> Prepared:
-        body = req.body
+    async def prepare_async(self, req: RoutingRequest) -> Prepared:
+        """`prepare`, with prompts of `MIN_CHARS` or more tokenized and keyed in the tokenizer
+        process while the event loop keeps running the engine's steps."""
+        self._check_model(req)
+        done: dict[int, tuple[np.ndarray, list[int]]] = {}
+        for i, (text, ids) in enumerate(_prompts(req)):
+            if (
+                self.settings.tokenize_process
+                and ids is None
+                and text is not None
+                and len(text) >= MIN_CHARS
+            ):
+                got = await self.tokenize_process.tokenize(
+                    text, req.segments, req.kind == "chat", req.lora_adapter
+                )
+                if got is not None:
+                    done[i] = got
+        return self.prepare(req, done)
+
+    def _check_model(self, req: RoutingRequest) -> None:
         if req.model != self.model and req.model not in self.adapters:
-            raise RequestError(404, f"The model `{req.model}` does not exist.", "model_not_found")
+            raise vllm_errors.unknown_model(req.model, [self.model])
+
+    def prepare(
+        self,
+        req: RoutingRequest,
+        tokenized: dict[int, tuple[np.ndarray, list[int]]] | None = None,
+    ) -> Prepared:
+        """`tokenized`: (token ids, block keys) of prompts already tokenized, by position."""
+        body = req.body
+        self._check_model(req)
         chat = req.kind == "chat"
         n = _int_field(body, "n", 1, low=1)
         want_stop = _stop_field(body)
@@ -192,11 +234,17 @@ class PodRuntime:
             remote_prefill=remote,
             created=int(time.time()),
         )
-        for text, ids in prompts:
-            if ids is None:
+        for position, (text, given) in enumerate(prompts):
+            ids: list[int] | np.ndarray
+            keys: list[int] | None = None
+            if given is not None:
+                ids = given
+            elif tokenized and position in tokenized:
+                ids, keys = tokenized[position]
+            else:
                 ids = self.tokenizer.encode_prompt(text or "", req.segments, chat)
-                if not ids:
-                    raise RequestError(400, "the prompt is empty after tokenization")
+            if len(ids) == 0:
+                raise RequestError(400, "the prompt is empty after tokenization")
             max_tokens = req.max_tokens
             room = s.max_model_len - len(ids)
             if max_tokens is None:
@@ -205,21 +253,19 @@ class PodRuntime:
                     max(room, 1),
                 )
             if max_tokens < 1:
-                raise RequestError(400, "'max_tokens' must be at least 1, got 0")
-            if len(ids) + max_tokens > s.max_model_len:
-                raise RequestError(
-                    400,
-                    f"This model's maximum context length is {s.max_model_len} tokens. However, "
-                    f"you requested {len(ids) + max_tokens} tokens ({len(ids)} in the messages, "
-                    f"{max_tokens} in the completion). Please reduce the length of the messages "
-                    "or completion.",
-                    "context_length_exceeded",
-                )
+                raise vllm_errors.max_tokens_too_small(max_tokens)
+            if len(ids) > s.max_model_len:
+                raise vllm_errors.prompt_too_long(s.max_model_len, len(ids), text is not None)
+            # vLLM 0.32 clamps max_tokens to the room left instead of refusing.
+            max_tokens = min(max_tokens, max(room, 1))
             if self.role == Role.PREFILL:
                 max_tokens = 1  # the engine's prefill role samples one token
             prep.prompt_tokens.append(len(ids))
             want = OutputRequest(max_tokens, want_stop, stop_ids, ignore_eos, min_tokens, seed)
-            keys = token_block_keys(ids, self.engine_config.block_size, s.seed, req.lora_adapter)
+            if keys is None:
+                keys = token_block_keys(
+                    ids, self.engine_config.block_size, s.seed, req.lora_adapter
+                )
             for _ in range(n):
                 index = len(job.generations)
                 plan = plan_output(

@@ -51,6 +51,8 @@ class EmulatorPod:
     def __init__(self, settings: EmulatorSettings) -> None:
         self.settings = settings
         self.runtime = PodRuntime(settings)
+        # vLLM exposes vllm:lora_requests_info only with LoRA enabled.
+        self.runtime.metrics.lora_enabled = bool(settings.lora_adapters)
         self._api: _EmbeddedServer | None = None
         self._side: _EmbeddedServer | None = None
         self._admin: _EmbeddedServer | None = None
@@ -92,7 +94,7 @@ class EmulatorPod:
     def _make_publisher(self) -> KVEventPublisher:
         s = self.settings
         rt = self.runtime
-        topic = s.events_topic if s.events_topic is not None else f"kv@{rt.endpoint}@{rt.model}"
+        topic = topic_for(s.events_topic, rt.endpoint, rt.model)
         replay = s.events_replay or f"tcp://{s.host}:0"
         if s.events_bind:
             pub = KVEventPublisher(
@@ -101,6 +103,8 @@ class EmulatorPod:
                 replay_endpoint=replay,
                 buffer_steps=s.events_buffer_steps,
                 wire_form=s.events_wire_form,
+                data_parallel_rank=0,
+                vllm_store_fields=True,
                 bind=True,
             )
             self.kv_events_endpoint = pub.endpoint
@@ -112,7 +116,10 @@ class EmulatorPod:
                 replay_endpoint=replay,
                 buffer_steps=s.events_buffer_steps,
                 wire_form=s.events_wire_form,
+                data_parallel_rank=0,
+                vllm_store_fields=True,
                 bind=False,
+                wait_for_subscriber_s=s.events_connect_wait_s,
             )
         self.kv_replay_endpoint = pub.replay_endpoint
         return pub
@@ -142,6 +149,7 @@ class EmulatorPod:
         self._tasks.clear()
         rt = self.runtime
         rt.pins.close()
+        rt.close()
         await rt.puller.close()
         if rt.publisher is not None:
             rt.publisher.close()
@@ -237,6 +245,16 @@ class EmulatorPod:
 
         srv = await asyncio.get_running_loop().create_server(create_protocol, sock=sock)
         server.servers.append(srv)
+
+
+def topic_for(template: str, endpoint: str, model: str) -> str:
+    """The events topic: `template` with `{endpoint}` (host:port) and `{model}` filled in."""
+    try:
+        return template.format(endpoint=endpoint, model=model)
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ValueError(
+            f"events topic {template!r}: only {{endpoint}} and {{model}} can be filled in ({exc})"
+        ) from None
 
 
 def run_pod(settings: EmulatorSettings) -> int:

@@ -67,6 +67,8 @@ class EmulatorSettings:
     max_model_len: int = 131_072
     #: Engine overrides (None = the profile's / vLLM's default).
     num_gpu_blocks: int | None = None
+    #: Tokens per KV block (vLLM's --block-size; None = the profile's).
+    block_size: int | None = None
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
     output_mode: OutputMode = "random"
@@ -82,10 +84,21 @@ class EmulatorSettings:
     events_bind: str | None = None
     #: ROUTER endpoint to bind for replays (default with events: tcp://<host>:0).
     events_replay: str | None = None
-    #: Topic; default kv@<host:port>@<model>.
-    events_topic: str | None = None
-    events_wire_form: Literal["array", "map"] = "array"
+    #: Topic of every batch; vLLM's default is empty. `{endpoint}` and `{model}` are filled in
+    #: once the pod has bound its port: llm-d's convention is "kv@{endpoint}@{model}", which a
+    #: router that binds one SUB for all pods needs to tell the pods apart.
+    events_topic: str = ""
+    #: "map" is vLLM 0.32's form (each event a map with a "type" key); "array" older releases'.
+    events_wire_form: Literal["array", "map"] = "map"
     events_buffer_steps: int = 10_000
+    #: With `events_connect`: batches are held until the router's SUB has subscribed, at most
+    #: this long after the first one (a connecting PUB drops what it sends before: ZMQ's
+    #: slow joiner); then they go out (and are lost if still nobody listens), as vLLM's do.
+    events_connect_wait_s: float = 10.0
+    #: Tokenize prompts of `tokenize_process.MIN_CHARS` or more in a child process (as vLLM's
+    #: API server tokenizes apart from its engine core), so they never delay the pod's steps.
+    #: Off by default: it costs a process per pod; the fair live benchmark turns it on.
+    tokenize_process: bool = False
     # --- P/D
     #: Port of the KV side channel (P/D pulls between pods; 0 = free port).
     side_channel_port: int = 0
@@ -122,6 +135,23 @@ class EmulatorSettings:
             raise ValueError(f"output_length must be max or random, got {self.output_length!r}")
         if self.kv_pin_timeout_s <= 0 or self.kv_link_bandwidth_gbps <= 0:
             raise ValueError("kv_pin_timeout_s and kv_link_bandwidth_gbps must be > 0")
+        if self.block_size is not None and self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size!r}")
+        try:
+            self.events_topic.format(endpoint="h:1", model="m")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(
+                f"events_topic {self.events_topic!r}: only {{endpoint}} and {{model}} can be "
+                f"filled in ({exc!r})"
+            ) from None
+        if self.events_connect_wait_s < 0:
+            raise ValueError(
+                f"events_connect_wait_s must be >= 0, got {self.events_connect_wait_s!r}"
+            )
+        if self.events_wire_form not in ("array", "map"):
+            raise ValueError(
+                f"events_wire_form must be 'array' or 'map', got {self.events_wire_form!r}"
+            )
         if self.max_model_len < 1 or self.max_loras < 1:
             raise ValueError("max_model_len and max_loras must be >= 1")
         if self.admin_port and self.admin_port in (self.port, self.side_channel_port):

@@ -1,10 +1,14 @@
 """vLLM's OpenAI response shapes: completion and chat bodies, SSE chunks, usage, errors.
 
-Shapes follow vLLM's `CompletionResponse` / `ChatCompletionResponse` and their stream
-variants: stream choices carry `logprobs`, `finish_reason` and `stop_reason` (null until the
-last chunk of a choice); a chat stream starts with one `{"role": "assistant", "content": ""}`
-delta per choice; with `stream_options.include_usage` the last chunk before `data: [DONE]` has
-`"choices": []` and the usage (and `continuous_usage_stats` adds running usage to every chunk).
+Shapes, field names and key order follow vLLM 0.32 (checked field by field against a real
+engine by `tests/real_vllm/test_emulator_parity.py`): stream choices carry `logprobs`,
+`finish_reason` (null until the last chunk of a choice) and `token_ids`; a chat stream starts
+with one `{"role": "assistant", "content": ""}` delta per choice (that chunk also carries the
+top-level `prompt_token_ids` / `prompt_text`) and only its last chunk per choice has
+`stop_reason`; with `stream_options.include_usage` the last chunk before `data: [DONE]` has
+`"choices": []`, the usage and the `system_fingerprint` (and `continuous_usage_stats` adds
+running usage to every chunk). `token_ids` / `prompt_token_ids` stay null: vLLM fills them
+only when a request asks for them (`return_token_ids`).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from typing import Any
 
 import msgspec
 
+from router.emulator import errors
 from router.request import RequestError
 
 _encode = msgspec.json.Encoder().encode
@@ -24,12 +29,18 @@ def sse(obj: dict[str, Any]) -> bytes:
     return b"data: " + _encode(obj) + b"\n\n"
 
 
+#: What vLLM puts in `system_fingerprint` ("vllm-<version>-<build>"); the emulator's build
+#: part names it.
+SYSTEM_FINGERPRINT = "vllm-0.32.0-kvroute"
+
+
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
     return {
         "prompt_tokens": prompt_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
         "completion_tokens": completion_tokens,
         "prompt_tokens_details": None,
+        "completion_tokens_details": None,
     }
 
 
@@ -62,8 +73,30 @@ def completion_chunk(
                 "logprobs": None,
                 "finish_reason": finish_reason,
                 "stop_reason": stop_reason,
+                "prompt_token_ids": None,
+                "token_ids": None,
             }
         ],
+    }
+
+
+def chat_role_chunk(rid: str, created: int, model: str, index: int) -> dict[str, Any]:
+    """The first chunk of a chat stream, per choice."""
+    return {
+        "id": rid,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": index,
+                "delta": {"role": "assistant", "content": ""},
+                "logprobs": None,
+                "finish_reason": None,
+            }
+        ],
+        "prompt_token_ids": None,
+        "prompt_text": None,
     }
 
 
@@ -85,6 +118,7 @@ def chat_chunk(
     }
     if final:
         choice["stop_reason"] = stop_reason
+    choice["token_ids"] = None
     return {
         "id": rid,
         "object": "chat.completion.chunk",
@@ -104,6 +138,7 @@ def usage_chunk(
         "model": model,
         "choices": [],
         "usage": stream_usage(prompt_tokens, completion_tokens),
+        "system_fingerprint": SYSTEM_FINGERPRINT,
     }
 
 
@@ -127,13 +162,19 @@ def completion_body(
                 "logprobs": None,
                 "finish_reason": c["finish_reason"],
                 "stop_reason": c["stop_reason"],
+                "token_ids": None,
                 "prompt_logprobs": None,
+                "prompt_token_ids": None,
+                "routed_experts": None,
             }
             for c in choices
         ],
+        "service_tier": None,
+        "system_fingerprint": SYSTEM_FINGERPRINT,
         "usage": use,
-        "system_fingerprint": None,
         "kv_transfer_params": kv_transfer_params,
+        "ec_transfer_params": None,
+        "metrics": None,
     }
 
 
@@ -160,25 +201,33 @@ def chat_body(
                     "annotations": None,
                     "audio": None,
                     "function_call": None,
-                    "tool_calls": [],
-                    "reasoning_content": None,
+                    # vLLM 0.32's name (older releases: reasoning_content); null without a
+                    # reasoning parser. An empty tool_calls list is left out, as vLLM does.
+                    "reasoning": None,
                 },
                 "logprobs": None,
                 "finish_reason": c["finish_reason"],
                 "stop_reason": c["stop_reason"],
+                "token_ids": None,
+                "routed_experts": None,
             }
             for c in choices
         ],
         "service_tier": None,
-        "system_fingerprint": None,
+        "system_fingerprint": SYSTEM_FINGERPRINT,
         "usage": use,
         "prompt_logprobs": None,
+        "prompt_token_ids": None,
+        "prompt_text": None,
         "kv_transfer_params": kv_transfer_params,
+        "ec_transfer_params": None,
+        "metrics": None,
     }
 
 
 def error_body(err: RequestError) -> bytes:
-    return _encode(err.to_json())
+    """vLLM's error shape (`errors.body`): message, type, param, integer code."""
+    return _encode(errors.body(err))
 
 
 def encode(obj: Any) -> bytes:

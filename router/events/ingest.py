@@ -130,6 +130,9 @@ class KVEventIngester:
         self._skipped_groups: dict[str, set[int]] = {}  # pod → group_idx not indexed
         self._rebuilding: dict[str, float] = {}  # pod → when its index was reset
         self._error_log: dict[str, tuple[float, int]] = {}  # pod → (last logged, suppressed)
+        #: pod → its latest full-attention `BlockStored`, for `FleetFeeds` to compare the
+        #: engine's block size and token ids with the router's config (it pops them).
+        self.stored_samples: dict[str, BlockStored] = {}
 
     # ---------------------------------------------------------------- queueing
     def submit(self, pod: str, seq: int, payload: bytes) -> None:
@@ -171,6 +174,7 @@ class KVEventIngester:
         self._skipped_groups.pop(pod, None)
         self._rebuilding.pop(pod, None)
         self._error_log.pop(pod, None)
+        self.stored_samples.pop(pod, None)
         self.index.drop_pod(pod)
 
     def rebuilding_pods(self) -> list[str]:
@@ -279,6 +283,7 @@ class KVEventIngester:
         n = len(hashes)
         if not n:
             return
+        self.stored_samples[pod] = ev
         router_bs = self.block_size
         engine_bs = ev.block_size
         if engine_bs == router_bs:

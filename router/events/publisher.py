@@ -11,10 +11,22 @@ Wire contract (vLLM's ZMQ publisher):
   `[END, b""]`, which `KVEventSubscriber` still accepts). The last `buffer_steps` batches are
   kept.
 
+Connecting PUB (`wait_for_subscriber_s`): ZMQ drops whatever a PUB sends before the peer's
+subscription has reached it ("slow joiner"), so a pod that connects to a router's bound SUB
+would lose its first batches, more or fewer depending on timing. With a wait, the socket is an
+XPUB, which sees subscriptions arrive: batches are held (in order, up to `buffer_steps`) until a
+subscription matching the topic has arrived, then sent; after the wait without any, they go
+out as vLLM's would. Subscribers cannot tell an XPUB from a PUB.
+
+`vllm_store_fields`: fill in what vLLM 0.32 writes for a plain decoder's single KV-cache group
+when an event leaves it unset — `group_idx` 0, `kv_cache_spec_kind` "full_attention" and one
+`extra_keys` entry per block (None, or `[lora_name]` for a LoRA's blocks).
+
 Fault injection for tests: `drop_next` loses batches on the wire (optionally from the replay
 buffer too), `restart` starts the sequence again at 0 like a restarted engine.
 
-Thread-safe: `publish` may be called from any thread; a background thread serves replays.
+Thread-safe: `publish` may be called from any thread; a background thread serves replays and
+notices subscriptions.
 """
 
 from __future__ import annotations
@@ -27,6 +39,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import msgspec
+import msgspec.structs
 import zmq
 
 from router.events.types import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
@@ -133,6 +146,24 @@ def _map_event(ev: KVEvent) -> dict[str, Any]:
     return out
 
 
+def with_vllm_fields(ev: KVEvent) -> KVEvent:
+    """`ev` with the single-group fields vLLM 0.32 writes for a plain decoder (see the module
+    docstring); fields already set are kept."""
+    if isinstance(ev, BlockStored):
+        changes: dict[str, Any] = {}
+        if ev.group_idx is None:
+            changes["group_idx"] = 0
+        if ev.kv_cache_spec_kind is None:
+            changes["kv_cache_spec_kind"] = "full_attention"
+        if ev.extra_keys is None:
+            entry = [ev.lora_name] if ev.lora_name else None
+            changes["extra_keys"] = [entry] * len(ev.block_hashes)
+        return msgspec.structs.replace(ev, **changes) if changes else ev
+    if isinstance(ev, BlockRemoved) and ev.group_idx is None:
+        return msgspec.structs.replace(ev, group_idx=0)
+    return ev
+
+
 def vllm_binds(endpoint: str) -> bool:
     """vLLM's rule for its PUB endpoint: a wildcard address binds, a concrete one connects.
 
@@ -156,8 +187,12 @@ class KVEventPublisher:
         data_parallel_rank: int | None = None,
         bind: bool | None = None,
         context: zmq.Context | None = None,
+        wait_for_subscriber_s: float = 0.0,
+        vllm_store_fields: bool = False,
     ) -> None:
-        """`bind=None` follows vLLM's rule (`vllm_binds`); tests pass True to bind 127.0.0.1."""
+        """`bind=None` follows vLLM's rule (`vllm_binds`); tests pass True to bind 127.0.0.1.
+        `wait_for_subscriber_s` > 0: hold batches until a subscriber has subscribed (see the
+        module docstring)."""
         if wire_form not in ("array", "map"):
             raise ValueError(f"wire_form must be 'array' or 'map', got {wire_form!r}")
         if buffer_steps <= 0:
@@ -172,7 +207,13 @@ class KVEventPublisher:
         self._buffer: deque[tuple[int, bytes]] = deque(maxlen=buffer_steps)
         self._drop_wire = 0
         self._drop_buffer = 0
-        self._pub = self._ctx.socket(zmq.PUB)
+        self.vllm_store_fields = vllm_store_fields
+        self._wait_s = wait_for_subscriber_s
+        #: A subscription matching the topic has arrived (always True for a plain PUB).
+        self.subscribed = wait_for_subscriber_s <= 0
+        self._held: deque[tuple[int, bytes]] = deque(maxlen=buffer_steps)
+        self._held_since: float | None = None
+        self._pub = self._ctx.socket(zmq.XPUB if wait_for_subscriber_s > 0 else zmq.PUB)
         self._pub.setsockopt(zmq.SNDHWM, hwm)
         self._pub.setsockopt(zmq.LINGER, 0)
         if vllm_binds(endpoint) if bind is None else bind:
@@ -189,6 +230,7 @@ class KVEventPublisher:
             self._replay.setsockopt(zmq.LINGER, 0)
             self._replay.bind(replay_endpoint)
             self.replay_endpoint = self._replay.getsockopt_string(zmq.LAST_ENDPOINT)
+        if self._replay is not None or not self.subscribed:
             self._thread = threading.Thread(
                 target=self._serve_replays, name="kv-replay", daemon=True
             )
@@ -200,6 +242,8 @@ class KVEventPublisher:
 
     def publish(self, events: Sequence[KVEvent], ts: float | None = None) -> int:
         """Send one batch; returns its sequence number."""
+        if self.vllm_store_fields:
+            events = [with_vllm_fields(ev) for ev in events]
         payload = encode_batch(
             events, time.time() if ts is None else ts, self.data_parallel_rank, self.wire_form
         )
@@ -216,12 +260,37 @@ class KVEventPublisher:
                 self._buffer.append((seq, payload))
             if self._drop_wire:
                 self._drop_wire -= 1
+            elif not self.subscribed and not self._check_subscribed():
+                self._held.append((seq, payload))
+                if self._held_since is None:
+                    self._held_since = time.monotonic()
             else:
-                # Reading EVENTS makes libzmq process pending subscriptions first; without it
-                # the first batch after a subscriber joins a connecting PUB is filtered out.
-                self._pub.getsockopt(zmq.EVENTS)
-                self._pub.send_multipart((self.topic, seq.to_bytes(8, "big"), payload))
+                self._send(seq, payload)
         return seq
+
+    def _send(self, seq: int, payload: bytes) -> None:
+        # Reading EVENTS makes libzmq process pending subscriptions first; without it the
+        # first batch after a subscriber joins a connecting PUB is filtered out.
+        self._pub.getsockopt(zmq.EVENTS)
+        self._pub.send_multipart((self.topic, seq.to_bytes(8, "big"), payload))
+
+    def _check_subscribed(self) -> bool:
+        """(lock held, XPUB) Read pending subscription messages; on the first one matching the
+        topic, or once the wait is over, send what was held and return True."""
+        while True:
+            try:
+                msg = self._pub.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            if msg[:1] == b"\x01" and self.topic.startswith(msg[1:]):
+                self.subscribed = True
+        waited = self._held_since is not None and time.monotonic() - self._held_since
+        if not self.subscribed and waited and waited >= self._wait_s:
+            self.subscribed = True  # nobody came: send as vLLM would (and lose them)
+        if self.subscribed:
+            while self._held:
+                self._send(*self._held.popleft())
+        return self.subscribed
 
     def drop_next(self, n: int = 1, *, from_replay: bool = False) -> None:
         """Lose the next `n` batches on the wire (and from the replay buffer if `from_replay`)."""
@@ -238,11 +307,17 @@ class KVEventPublisher:
 
     def _serve_replays(self) -> None:
         sock = self._replay
-        assert sock is not None
         poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
+        if sock is not None:
+            poller.register(sock, zmq.POLLIN)
         while not self._stop.is_set():
-            if not poller.poll(50):
+            if not self.subscribed:
+                with self._lock:
+                    self._check_subscribed()
+            if sock is None:
+                self._stop.wait(0.01)
+                continue
+            if not poller.poll(10 if not self.subscribed else 50):
                 continue
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK)

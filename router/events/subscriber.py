@@ -18,6 +18,13 @@ stream's three frames `[topic, seq, payload]`, ended by `[b"", END_OF_REPLAY, b"
 the two-frame form `[seq, payload]` / `[END_OF_REPLAY, b""]` of older releases (and of
 kvroute's publisher before it followed 0.32).
 
+Warm start (`warm_start = True`, set by a face before `start()`; `kvroute serve` does): for
+every pod with a replay endpoint (at `start()`, or when added later) the subscriber asks for
+the replay buffer from seq 0 and applies it before any live batch of that pod (live batches
+are held meanwhile, those the replay covered dropped), so a restarted router knows what the
+pods already cache instead of starting from an empty index. A short buffer (the oldest
+batches gone) still helps: stores it lacks are unknown, never wrong.
+
 Per pod it keeps what an operator needs to see a silent feed (`feed_state`): when the last
 live batch arrived, its sequence number and, in connect mode, whether the TCP connection to
 the pod's PUB is up. `pod_restarted` forgets a pod's sequence and clears its blocks when
@@ -112,10 +119,21 @@ class KVEventSubscriber:
         self.endpoint: str | None = None
         self._feeds: dict[str, FeedState] = {}
         self._monitors: dict[str, tuple[zmq.asyncio.Socket, asyncio.Task[None]]] = {}
+        self._started = False
+        #: Apply each pod's replay buffer at start (see the module docstring).
+        self.warm_start = False
+        #: Warm-start replays in flight, the live batches held meanwhile, and the seq the
+        #: pod's live stream continues from once one finished.
+        self._warming: dict[str, asyncio.Task[int | None]] = {}
+        self._warm_held: dict[str, list[tuple[_Stream, int, bytes]]] = {}
+        self._warm_next: dict[str, int] = {}
 
     # ---------------------------------------------------------------- lifecycle
     async def start(self) -> None:
+        self._started = True
         self._tasks.append(asyncio.create_task(self.ingester.run(), name="kv-ingest"))
+        for pod, replay_ep in self._replay_endpoints.items():
+            self._begin_warm(pod, replay_ep)
         if self.settings.mode == "bind":
             sock = self._sub_socket(self.settings.topic_filter)
             sock.bind(self.settings.endpoint)
@@ -128,6 +146,7 @@ class KVEventSubscriber:
         tasks = [*self._tasks, *(task for _, task in self._pod_sockets.values())]
         tasks += [task for _, task in self._monitors.values()]
         tasks += [s.replay for s in self._streams.values() if s.replay is not None]
+        tasks += list(self._warming.values())
         for t in tasks:
             t.cancel()
         for t in tasks:
@@ -158,7 +177,10 @@ class KVEventSubscriber:
         if replay_endpoint is None:
             self._replay_endpoints.pop(pod, None)
         else:
+            known = self._replay_endpoints.get(pod)
             self._replay_endpoints[pod] = replay_endpoint
+            if self._started and known != replay_endpoint:
+                self._begin_warm(pod, replay_endpoint)
         if endpoint is None:
             return
         if self.settings.mode != "connect":
@@ -178,6 +200,11 @@ class KVEventSubscriber:
         """Stop listening to `pod` and drop everything known about it, index entries included."""
         self._close_pod_socket(pod)
         self._replay_endpoints.pop(pod, None)
+        warming = self._warming.pop(pod, None)
+        if warming is not None:
+            warming.cancel()
+        self._warm_held.pop(pod, None)
+        self._warm_next.pop(pod, None)
         for key in [k for k, s in self._streams.items() if s.pod == pod]:
             stream = self._streams.pop(key)
             if stream.replay is not None:
@@ -313,6 +340,17 @@ class KVEventSubscriber:
         self._on_message(stream, seq, payload)
 
     def _on_message(self, stream: _Stream, seq: int, payload: bytes) -> None:
+        held = self._warm_held.get(stream.pod)
+        if held is not None:
+            held.append((stream, seq, payload))
+            if len(held) > self.settings.max_held_during_replay:
+                self._warming[stream.pod].cancel()
+            return
+        if stream.expected is None and (warm := self._warm_next.get(stream.pod)) is not None:
+            if seq < warm:
+                return  # the warm-start replay delivered it
+            del self._warm_next[stream.pod]
+            stream.expected = warm
         if stream.replay is not None:
             stream.held.append((seq, payload))
             if len(stream.held) > self.settings.max_held_during_replay and not stream.abandoned:
@@ -341,6 +379,66 @@ class KVEventSubscriber:
         self.ingester.reset_pod(stream.pod, reason)
         stream.expected = seq + 1
         self.ingester.submit(stream.pod, seq, payload)
+
+    # ---------------------------------------------------------------- warm start
+    def _begin_warm(self, pod: str, endpoint: str) -> None:
+        if not (self.warm_start and self.settings.replay) or pod in self._warming:
+            return
+        task = asyncio.create_task(self._warm_start(pod, endpoint), name=f"kv-warm-{pod}")
+        self._warming[pod] = task
+        self._warm_held[pod] = []
+        task.add_done_callback(lambda t: self._warm_done(pod, t))
+
+    async def _warm_start(self, pod: str, endpoint: str) -> int | None:
+        """Apply the pod's replay buffer from seq 0; returns the seq after the last batch."""
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        nxt: int | None = None
+        try:
+            sock.connect(endpoint)
+            await sock.send_multipart((b"", (0).to_bytes(8, "big")))
+            timeout_ms = int(self.settings.replay_timeout_s * 1000)
+            while await sock.poll(timeout_ms):
+                frames = await sock.recv_multipart()
+                if frames and frames[0] == b"":
+                    frames = frames[1:]
+                if len(frames) == 3:  # vLLM 0.32: [topic, seq, payload]; older: [seq, payload]
+                    frames = frames[1:]
+                if len(frames) != 2 or len(frames[0]) != 8:
+                    self.stats.malformed_messages += 1
+                    continue
+                if frames[0] == END_OF_REPLAY:
+                    return nxt
+                seq = int.from_bytes(frames[0], "big")
+                if nxt is not None and seq < nxt:
+                    continue
+                nxt = seq + 1
+                self.stats.replayed_batches += 1
+                self.ingester.submit(pod, seq, frames[1])
+            log.info("kv events: warm-start replay from %s timed out", endpoint)
+            return nxt
+        finally:
+            sock.close(0)
+
+    async def warmed(self, timeout_s: float) -> bool:
+        """Wait (up to `timeout_s`) for the warm-start replays in flight; True if all ended."""
+        tasks = list(self._warming.values())
+        if not tasks:
+            return True
+        _, pending = await asyncio.wait(tasks, timeout=timeout_s)
+        return not pending
+
+    def _warm_done(self, pod: str, task: asyncio.Task[int | None]) -> None:
+        if self._warming.get(pod) is not task:
+            return
+        del self._warming[pod]
+        held = self._warm_held.pop(pod, [])
+        nxt = None if task.cancelled() or task.exception() is not None else task.result()
+        if nxt is not None:
+            self._warm_next[pod] = nxt
+            log.info("kv events: pod %s warm-started from its replay buffer (to seq %d)", pod, nxt)
+        for stream, seq, payload in held:
+            self._on_message(stream, seq, payload)
 
     # ---------------------------------------------------------------- replay
     def _start_replay(self, stream: _Stream, endpoint: str) -> None:

@@ -28,7 +28,7 @@ from router.config import RouterConfig
 from router.feeds import FleetFeeds
 from router.index import BlockIndex
 from router.pods import PodRegistry
-from router.proxy.errors import UpstreamFailure
+from router.proxy.errors import UpstreamFailure, error_headers, error_json
 from router.proxy.forward import Forwarder
 from router.proxy.health import HealthProber
 from router.proxy.metrics import ProxyMetrics
@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 #: The router's own endpoints (never forwarded); every other path follows the request
 #: path policy (`router.request.path_action`): routed paths go to a pod, the rest get 404.
 CONTROL_PATHS = frozenset({"/health", "/ready", "/metrics", "/debug/pods"})
+_CLOSE = ((b"connection", b"close"),)
 
 
 class ProxyApp:
@@ -73,13 +74,32 @@ class ProxyApp:
         self.upstream: Upstream | None = None
         self.prober: HealthProber | None = None
         self._models_cache: tuple[float, list[dict[str, Any]]] = (float("-inf"), [])
+        #: HTTP requests open now (each holds a client connection): `max_connections`.
+        self._open = 0
         self.api = self._build_api()
 
     # ------------------------------------------------------------------ ASGI
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in CONTROL_PATHS:
+            # Control endpoints stay reachable at the cap (probes and scrapes are cheap).
             await self.api(scope, receive, send)
             return
+        cap = self.settings.max_connections
+        if cap and self._open >= cap:
+            # Refused before reading anything: the cheapest answer, and the socket is freed.
+            self.metrics.rejected.labels("max_connections").inc()
+            err = RequestError(
+                503, f"the proxy is at its limit of {cap} open requests", "max_connections"
+            )
+            await send_error(send, err, self.settings.retry_after_s, _CLOSE)
+            return
+        self._open += 1
+        try:
+            await self._http(scope, receive, send)
+        finally:
+            self._open -= 1
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             action = path_action(scope["method"], scope["path"], self.config.request)
         except RequestError as err:
@@ -164,14 +184,18 @@ class ProxyApp:
             return {"object": "list", "data": await self.models()}
 
         @api.exception_handler(404)
-        async def not_found(_request: Any, _exc: Any) -> Response:
-            err = RequestError(404, "no such endpoint", "unknown_path")
-            return JSONResponse(err.to_json(), 404)
+        async def not_found(request: Any, _exc: Any) -> Response:
+            err = RequestError(404, f"no route for path '{request.url.path}'", "unknown_path")
+            return _error_response(err)
 
         @api.exception_handler(405)
-        async def not_allowed(_request: Any, _exc: Any) -> Response:
-            err = RequestError(405, "method not allowed", "method_not_allowed")
-            return JSONResponse(err.to_json(), 405)
+        async def not_allowed(request: Any, _exc: Any) -> Response:
+            err = RequestError(
+                405,
+                f"{request.url.path} does not accept {request.method}",
+                "method_not_allowed",
+            )
+            return _error_response(err)
 
         return api
 
@@ -246,6 +270,12 @@ class ProxyApp:
         except (msgspec.DecodeError, AttributeError):
             return []
         return data if isinstance(data, list) else []
+
+
+def _error_response(err: RequestError) -> Response:
+    """An error of the control endpoints, in the same vLLM shape as the forwarded ones."""
+    headers = {k.decode(): v.decode() for k, v in error_headers(err, 1) if k != b"content-type"}
+    return JSONResponse(error_json(err), err.status, headers)
 
 
 def _entries_per_pod(index: BlockIndex) -> dict[str, int]:

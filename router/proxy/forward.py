@@ -24,6 +24,7 @@ from router.proxy.metrics import ProxyMetrics
 from router.proxy.pd import PrefillFailed, decode_body, run_prefill
 from router.proxy.relay import (
     BrokenStream,
+    ClientLeft,
     ClientWatch,
     Delivered,
     Receive,
@@ -95,7 +96,9 @@ class Forwarder:
         status = 500
         watch: ClientWatch | None = None
         try:
-            raw = await read_body(receive, self.request_settings.max_body_bytes)
+            raw = await read_body(
+                receive, self.request_settings.max_body_bytes, self.settings.body_read_timeout_s
+            )
             headers: list[tuple[bytes, bytes]] = scope["headers"]
             hdrs = {k.decode("latin-1"): v.decode("latin-1") for k, v in headers}
             req = parse_request(
@@ -127,9 +130,14 @@ class Forwarder:
                 self.admission.release(model)
         except RequestError as err:
             status = err.status
-            if err.status == 429:
+            if err.status in (408, 429):
                 self.metrics.rejected.labels(err.code).inc()
             await send_error(send, err, self.settings.retry_after_s)
+        except ClientLeft as left:
+            # Routine: a client gave up (closed its socket) before its body was all sent.
+            status = 499
+            self.metrics.client_disconnects.inc()
+            log.info("%s %s: %s", scope["method"], path, left)
         except asyncio.CancelledError:
             if watch is None or not watch.absorb_cancel():
                 raise
@@ -169,7 +177,13 @@ class Forwarder:
         sched = self.scheduler
         await self.tokenize.prepare(req)
         t0 = time.perf_counter()
-        decision = sched.schedule(req, self.settings.profile)
+        try:
+            decision = sched.schedule(req, self.settings.profile)
+        except RequestError as err:
+            # Every pod of the model ejected: try the one ejected longest ago, not a 503.
+            if err.code != "no_healthy_pod" or not self._readmit_one(req.model):
+                raise
+            decision = sched.schedule(req, self.settings.profile)
         self.metrics.schedule_seconds.observe(time.perf_counter() - t0)
         sched.on_pick(decision)
         attempt = _Attempt(decision, decision.target)
@@ -206,6 +220,7 @@ class Forwarder:
             body = await self._prefill(decision, req.body, path, fwd_headers)
         retries_left = self.settings.retries
         first_byte = self.settings.first_byte_timeout_s
+        answered_5xx = 0
         while True:
             ep = attempt.endpoint
             try:
@@ -214,13 +229,18 @@ class Forwarder:
                 )
             except UpstreamFailure as f:
                 self._pod_failed(attempt.decision, f)
-                nxt = self._retry(attempt, f, retries_left) if f.retryable else None
+                if isinstance(f, StatusFailure):
+                    answered_5xx += 1
+                # Two pods failing a request alike point at the request: answer what they said.
+                retry = f.retryable and answered_5xx < 2
+                nxt = self._retry(attempt, f, retries_left) if retry else None
                 if nxt is None:
                     return await self._answer_failure(send, f, extra)
                 retries_left -= 1
                 attempt.decision, attempt.endpoint = nxt.decision, nxt.endpoint
                 continue
             break
+        self.prober.record_success(attempt.endpoint)
         if attempt.decision is not decision and debug:
             extra[0] = (self._decision_header, _decision_summary(attempt.decision))
         d = attempt.decision
@@ -228,14 +248,23 @@ class Forwarder:
         try:
             if req.stream and opened.status == 200:
                 result: Delivered = await deliver_stream(
-                    opened, send, deadline, extra, watch, lambda: sched.on_first_token(d)
+                    opened,
+                    send,
+                    deadline,
+                    extra,
+                    watch,
+                    lambda: sched.on_first_token(d),
+                    self.settings.stream_idle_timeout_s,
                 )
             else:
                 sched.on_first_token(d)
                 result = await deliver_full(opened, send, deadline, extra, watch)
         except BrokenStream as f:
+            # The client saw a 200 and then an error event: counted as such, apart.
             self._pod_failed(d, f)
-            return 502
+            self.metrics.stream_errors.labels(_STREAM_ERROR_REASONS.get(f.kind, f.kind)).inc()
+            log.info("stream of %s broken: %s", req.request_id, f)
+            return 200
         except UpstreamFailure as f:
             self._pod_failed(d, f)
             return await self._answer_failure(send, f, extra)
@@ -260,8 +289,7 @@ class Forwarder:
             self.metrics.pd_requests.labels("prefill_failed").inc()
             if e.failure is not None:
                 self.metrics.upstream_failures.labels(e.failure.endpoint, e.failure.kind).inc()
-                if e.failure.retryable:
-                    self.prober.eject(e.failure.endpoint, str(e.failure))
+                self.prober.record_failure(e.failure, decision.request.request_id)
             log.info("prefill on %s failed, decoding locally: %s", decision.prefill, e.reason)
             return decode_body(body, None)
         self.scheduler.on_prefill_done(decision)
@@ -271,9 +299,12 @@ class Forwarder:
     def _pod_failed(self, decision: Decision, f: UpstreamFailure) -> None:
         self.metrics.upstream_failures.labels(f.endpoint, f.kind).inc()
         self.scheduler.on_failure(decision, f.endpoint)
-        if not f.kind.startswith("timeout"):
-            # A slow pod is loaded, not dead: load-aware scorers handle it; a failed one leaves.
-            self.prober.eject(f.endpoint, str(f))
+        self.prober.record_failure(f, decision.request.request_id)
+
+    def _readmit_one(self, model: str) -> bool:
+        """Let the least recently ejected pod of `model` back in; False if there is none."""
+        pods = [p.endpoint for p in self.scheduler.registry.all() if p.serves(model)]
+        return self.prober.readmit_least_recently_ejected(pods) is not None
 
     def _retry(self, attempt: _Attempt, f: UpstreamFailure, retries_left: int) -> _Attempt | None:
         if retries_left <= 0:
@@ -311,6 +342,13 @@ class Forwarder:
 
 
 _encode = msgspec.json.encode
+
+#: `kvroute_proxy_stream_errors_total{reason}` per failure kind.
+_STREAM_ERROR_REASONS = {
+    "broken_stream": "pod_closed",
+    "timeout_idle": "idle_timeout",
+    "timeout_total": "total_timeout",
+}
 
 
 def _details(details: dict[str, dict[str, float]]) -> dict[str, Any]:

@@ -47,6 +47,19 @@ class ProxyMetrics:
             "Clients that left before the answer ended.",
             registry=r,
         )
+        self.stream_errors = Counter(
+            f"{prefix}_stream_errors",
+            "Streams the pod broke after the client got its 200 (ended with an error event), "
+            "by reason: pod_closed, idle_timeout, total_timeout.",
+            ["reason"],
+            registry=r,
+        )
+        self.ejections = Counter(
+            f"{prefix}_pod_ejections",
+            "Pods taken out of routing by outlier detection, by reason.",
+            ["pod", "reason"],
+            registry=r,
+        )
         self.pd_requests = Counter(
             f"{prefix}_pd_requests",
             "Two-phase (P/D) requests by outcome of the prefill leg.",

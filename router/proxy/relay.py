@@ -36,9 +36,27 @@ class _UsageOnly(msgspec.Struct):
 _decode_usage = msgspec.json.Decoder(_UsageOnly).decode
 
 
-async def read_body(receive: Receive, limit: int) -> bytes:
-    """The whole request body; `RequestError(413)` past `limit` bytes."""
+class ClientLeft(Exception):
+    """The client hung up before its request body was complete (routine, not a crash)."""
+
+
+async def read_body(receive: Receive, limit: int, timeout_s: float | None = None) -> bytes:
+    """The whole request body; `RequestError(413)` past `limit` bytes, `RequestError(408)`
+    when it is not all there within `timeout_s` (a slow or stalled sender holds a
+    connection and a task), `ClientLeft` when the client hangs up mid-body."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await _read_body(receive, limit)
+    except TimeoutError:
+        raise RequestError(
+            408, f"the request body did not arrive within {timeout_s:g}s", "body_read_timeout"
+        ) from None
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes:
     msg = await receive()
+    if msg["type"] == "http.disconnect":
+        raise ClientLeft("client left before sending its body")
     body = msg.get("body", b"")
     if not msg.get("more_body"):
         if len(body) > limit:
@@ -49,7 +67,7 @@ async def read_body(receive: Receive, limit: int) -> bytes:
     while msg.get("more_body"):
         msg = await receive()
         if msg["type"] == "http.disconnect":
-            raise asyncio.CancelledError("client left while sending its body")
+            raise ClientLeft("client left while sending its body")
         chunk = msg.get("body", b"")
         size += len(chunk)
         if size > limit:
@@ -61,17 +79,13 @@ async def read_body(receive: Receive, limit: int) -> bytes:
 async def send_error(
     send: Send, err: RequestError, retry_after_s: int = 1, extra: Headers = ()
 ) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": err.status,
-            "headers": [*error_headers(err, retry_after_s), *extra],
-        }
-    )
-    await send({"type": "http.response.body", "body": error_body(err)})
+    await send_full(send, err.status, [*error_headers(err, retry_after_s), *extra], error_body(err))
 
 
 async def send_full(send: Send, status: int, headers: Headers, body: bytes) -> None:
+    """A whole answer with its Content-Length: never re-framed as chunked (HTTP/1.0 clients
+    cannot take chunked, RFC 9112 section 7.1), and the client knows where it ends."""
+    headers = [*headers, (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
@@ -166,6 +180,7 @@ async def deliver_full(
         raise
     if watch is not None:
         watch.finish()
+    # The pod's Content-Length is the body's length: send_full keeps it.
     await send_full(send, resp.status, [*opened.response_headers(), *extra], body)
     return Delivered(resp.status, usage_of_body(body) if resp.status == 200 else None, body)
 
@@ -181,9 +196,11 @@ async def deliver_stream(
     extra: Headers,
     watch: ClientWatch | None,
     on_first_byte: Callable[[], None] | None = None,
+    idle_timeout_s: float | None = None,
 ) -> Delivered:
-    """Relay an SSE answer chunk by chunk. Raises `BrokenStream` when the pod fails mid-way
-    (after ending the client's stream with an error event)."""
+    """Relay an SSE answer chunk by chunk. Raises `BrokenStream` when the pod fails mid-way:
+    it closed the connection, sent nothing for `idle_timeout_s`, or missed `deadline` (after
+    ending the client's stream with an error event)."""
     resp = opened.response
     if resp.status != 200:  # an error answer to a streaming request is plain JSON
         return await deliver_full(opened, send, deadline, extra, watch)
@@ -202,12 +219,22 @@ async def deliver_stream(
                 on_first_byte()
                 on_first_byte = None
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        loop = asyncio.get_running_loop()
         while True:
+            until = deadline
+            if idle_timeout_s is not None:
+                until = min(deadline, loop.time() + idle_timeout_s)
             try:
-                async with asyncio.timeout_at(deadline):
+                async with asyncio.timeout_at(until):
                     nxt = await read()
             except TimeoutError:
-                failure = BrokenStream(opened.endpoint, "timeout_total", "stream not done", False)
+                if until < deadline:
+                    detail = f"nothing for {idle_timeout_s:g}s"
+                    failure = BrokenStream(opened.endpoint, "timeout_idle", detail, False)
+                else:
+                    failure = BrokenStream(
+                        opened.endpoint, "timeout_total", "stream not done", False
+                    )
                 break
             except (aiohttp.ClientError, OSError) as e:
                 failure = BrokenStream(opened.endpoint, "broken_stream", repr(e), False)

@@ -109,14 +109,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
             "of Llama-3.1-8B on H100, multi-turn chat and shared-prompt workloads."
         ),
     )
-    src = p.add_mutually_exclusive_group()
-    src.add_argument(
-        "--workload",
-        action="append",
-        metavar="NAME",
-        help=f"synthetic workload ({', '.join(WORKLOADS)}); repeat or comma-separate",
-    )
-    src.add_argument("--trace", metavar="FILE", help="replay a Mooncake-format JSONL trace")
+    add_workload_arguments(p)
     p.add_argument(
         "--fleet",
         action="append",
@@ -150,25 +143,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
             "beside --policies; repeatable"
         ),
     )
-    p.add_argument("--requests", type=int, metavar="N", help="requests per workload (first N)")
-    p.add_argument(
-        "--speedup",
-        metavar="X[,X...]",
-        help="trace time scaling (default 1); a list runs a sweep",
-    )
-    p.add_argument(
-        "--rate",
-        metavar="R[,R...]",
-        help=(
-            "open-loop requests/s of synthetic workloads (replaces llmd-kv-wins' ladder); "
-            "a list runs a sweep"
-        ),
-    )
-    p.add_argument(
-        "--concurrency",
-        metavar="N[,N...]",
-        help="closed loop with N outstanding requests; a list runs a sweep",
-    )
     p.add_argument(
         "--max-outstanding",
         type=int,
@@ -196,6 +170,70 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
             "seconds from send to routing decision, in every TTFT (default 0.001: a router "
             "hop plus scoring a few-thousand-token prompt)"
         ),
+    )
+    p.add_argument(
+        "--scrape-interval",
+        type=float,
+        default=SimSettings().scrape_interval_s,
+        metavar="S",
+        help="seconds between metric scrapes the router sees (default 0.1)",
+    )
+    p.add_argument(
+        "--pd-threshold",
+        type=int,
+        default=SimSettings().pd_threshold,
+        metavar="TOKENS",
+        help="P/D: prefill remotely when more uncached prompt tokens than this (0 = always)",
+    )
+    p.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    p.add_argument(
+        "--requests-jsonl",
+        metavar="FILE",
+        help=(
+            "write one JSON line per request: policy, pod, predicted and actual hit, "
+            "each pod's scores, times"
+        ),
+    )
+    p.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar on stderr (default: when stderr is a terminal)",
+    )
+    p.add_argument("--plot", metavar="DIR", help="write PNG charts into DIR (matplotlib)")
+    p.set_defaults(func=run_simulate)
+    return p
+
+
+def add_workload_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags that describe the arrivals (workload or trace, size, load sweep, shape);
+    shared by `kvroute simulate` and `kvroute plan` and read by `build_workloads`."""
+    src = p.add_mutually_exclusive_group()
+    src.add_argument(
+        "--workload",
+        action="append",
+        metavar="NAME",
+        help=f"synthetic workload ({', '.join(WORKLOADS)}); repeat or comma-separate",
+    )
+    src.add_argument("--trace", metavar="FILE", help="replay a Mooncake-format JSONL trace")
+    p.add_argument("--requests", type=int, metavar="N", help="requests per workload (first N)")
+    p.add_argument(
+        "--speedup",
+        metavar="X[,X...]",
+        help="trace time scaling (default 1); a list runs a sweep",
+    )
+    p.add_argument(
+        "--rate",
+        metavar="R[,R...]",
+        help=(
+            "open-loop requests/s of synthetic workloads (replaces llmd-kv-wins' ladder); "
+            "a list runs a sweep"
+        ),
+    )
+    p.add_argument(
+        "--concurrency",
+        metavar="N[,N...]",
+        help="closed loop with N outstanding requests; a list runs a sweep",
     )
     shape = p.add_argument_group("synthetic workload shape")
     shape.add_argument(
@@ -249,38 +287,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="synthetic workloads: every output exactly N tokens",
     )
     p.add_argument("--seed", type=int, default=0, metavar="N", help="seed (default 0)")
-    p.add_argument(
-        "--scrape-interval",
-        type=float,
-        default=SimSettings().scrape_interval_s,
-        metavar="S",
-        help="seconds between metric scrapes the router sees (default 0.1)",
-    )
-    p.add_argument(
-        "--pd-threshold",
-        type=int,
-        default=SimSettings().pd_threshold,
-        metavar="TOKENS",
-        help="P/D: prefill remotely when more uncached prompt tokens than this (0 = always)",
-    )
-    p.add_argument("--json", action="store_true", help="print the results as one JSON object")
-    p.add_argument(
-        "--requests-jsonl",
-        metavar="FILE",
-        help=(
-            "write one JSON line per request: policy, pod, predicted and actual hit, "
-            "each pod's scores, times"
-        ),
-    )
-    p.add_argument(
-        "--progress",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="progress bar on stderr (default: when stderr is a terminal)",
-    )
-    p.add_argument("--plot", metavar="DIR", help="write PNG charts into DIR (matplotlib)")
-    p.set_defaults(func=run_simulate)
-    return p
 
 
 def _split(values: Sequence[str] | None) -> list[str]:
@@ -481,7 +487,7 @@ def _policies(args: argparse.Namespace) -> list[PolicyRef]:
     return chosen
 
 
-def _check_numbers(args: argparse.Namespace) -> None:
+def check_numbers(args: argparse.Namespace) -> None:
     if args.pods is not None and args.pods < 1:
         raise ValueError("--pods must be >= 1")
     for flag in ("requests", "prompt_tokens", "output_tokens", "groups", "max_outstanding"):
@@ -512,7 +518,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     try:
         if args.fleet and args.pods:
             raise ValueError("give --fleet or --pods, not both")
-        _check_numbers(args)
+        check_numbers(args)
         if args.trace and (args.prompt_tokens or args.output_tokens or args.rate):
             raise ValueError(
                 "--prompt-tokens, --output-tokens and --rate apply to synthetic workloads"

@@ -19,6 +19,11 @@ Owns the definition of every reported figure:
 - `imbalance` = max / mean engine busy time (sum of step durations) over the pods of one role,
   the worst role when a fleet has several (prefill and decode pods are not comparable).
 - `hit_rate_vs_oracle` = hit_rate / the `oracle-pooled` policy's hit rate in the same workload.
+- TTFT floor (`ttft_floor_p50_s`, `ttft_floor_p95_s`, per workload): each measured request's
+  TTFT had it run alone on an idle pod of the fleet's fastest profile, with the most cached
+  tokens any policy in the run got for it, plus the router overhead. No routing beats it, so
+  `best peer p95 / floor p95` bounds what a better router can still win on a workload: when
+  the peers' p95 is within 1.25x of the floor, a 0.8x ratio is out of reach of any router.
 
 The JSON carries no wall-clock values and rounds floats to 6 significant digits, so the same
 seed gives byte-identical output.
@@ -28,7 +33,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -135,6 +140,9 @@ class WorkloadResult:
     speedup: float | None = None
     max_outstanding: int | None = None
     warmup_s: float = 0.0
+    #: See the module docstring; None when no request was measured.
+    ttft_floor_p50_s: float | None = None
+    ttft_floor_p95_s: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "fleet": self.fleet}
@@ -146,6 +154,9 @@ class WorkloadResult:
                 out[key] = _round(value)
         if self.warmup_s:
             out["warmup_s"] = _round(self.warmup_s)
+        if self.ttft_floor_p95_s is not None:
+            out["ttft_floor_p50_s"] = _round(self.ttft_floor_p50_s)
+            out["ttft_floor_p95_s"] = _round(self.ttft_floor_p95_s)
         out["policies"] = [p.to_json() for p in self.policies]
         return out
 
@@ -235,6 +246,24 @@ def attach_oracle_ratio(result: WorkloadResult) -> None:
         p.hit_rate_vs_oracle = p.hit_rate / oracle.hit_rate
 
 
+def attach_ttft_floor(
+    result: WorkloadResult, alone_s: Callable[[int, int], float], overhead_s: float
+) -> None:
+    """Fill the workload's TTFT floor; `alone_s(prompt, cached)` is a prompt's prefill time
+    alone on an idle pod with `cached` tokens already in its cache."""
+    best: dict[int, tuple[int, int]] = {}
+    for p in result.policies:
+        for r in p.records:
+            prev = best.get(r.index)
+            if prev is None or r.cached_tokens > prev[1]:
+                best[r.index] = (r.prompt_tokens, r.cached_tokens)
+    if not best:
+        return
+    floors = np.fromiter((alone_s(n, c) + overhead_s for n, c in best.values()), float, len(best))
+    result.ttft_floor_p50_s = _pct(floors, 50)
+    result.ttft_floor_p95_s = _pct(floors, 95)
+
+
 def to_json(results: Sequence[WorkloadResult]) -> str:
     return json.dumps({"workloads": [r.to_json() for r in results]}, indent=2)
 
@@ -296,6 +325,11 @@ def format_table(results: Sequence[WorkloadResult]) -> str:
             for row in rows
         ]
         title = f"workload {r.name} ({r.description}) on fleet {r.fleet}{_load_label(r)}"
+        if r.ttft_floor_p95_s is not None:
+            lines.append(
+                f"TTFT floor (each request alone on an idle pod, best cache of any policy): "
+                f"p50 {r.ttft_floor_p50_s:.3f}  p95 {r.ttft_floor_p95_s:.3f}"
+            )
         blocks.append("\n".join([title, *lines]))
     return "\n\n".join(blocks)
 

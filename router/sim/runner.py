@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import math
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -89,6 +90,7 @@ from router.sim.report import (
     RequestRecord,
     WorkloadResult,
     attach_oracle_ratio,
+    attach_ttft_floor,
     summarize,
 )
 from router.sim.transfer import KVLink
@@ -728,4 +730,29 @@ def run_policies(
         warmup_s=settings.warmup_for(workload),
     )
     attach_oracle_ratio(out)
+    attach_ttft_floor(out, _alone_prefill(plan), settings.router_overhead_s)
     return out
+
+
+def _alone_prefill(plan: FleetPlan) -> Callable[[int, int], float]:
+    """Prefill time of a prompt alone on an idle pod (chunked as the engine chunks it), on
+    the fastest profile of the fleet's prefilling pods."""
+    configs = []
+    for _, role, prof in plan.pods:
+        if role != Role.DECODE:
+            chunk = EngineConfig.from_profile(prof).max_num_batched_tokens
+            configs.append((LatencyModel(prof), chunk))
+
+    def alone(prompt: int, cached: int) -> float:
+        cached = min(cached, max(0, prompt - 1))  # the engine computes at least one token
+        best = math.inf
+        for model, chunk in configs:
+            t, done = 0.0, cached
+            while done < prompt:
+                n = min(chunk, prompt - done)
+                t += model.prefill_time(n, done)
+                done += n
+            best = min(best, t)
+        return best
+
+    return alone

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import httpx
+import msgspec
 import zmq
 import zmq.asyncio
 
@@ -56,7 +57,17 @@ async def test_events_are_vllm_frames_keyed_like_the_router(start_pod) -> None: 
         sub.close()
         ctx.term()
     topic, seq, payload = frames[0]
-    assert topic == f"kv@{pod.endpoint}@{MODEL}".encode()
+    assert topic == b""  # vLLM's default topic
+    batch = msgspec.msgpack.decode(payload)  # vLLM 0.32: [ts, [map events], dp_rank]
+    assert len(batch) == 3 and batch[2] == 0
+    first = batch[1][0]
+    assert list(first) == [
+        "type", "block_hashes", "parent_block_hash", "token_ids", "block_size", "lora_id",
+        "medium", "lora_name", "extra_keys", "group_idx", "kv_cache_spec_kind",
+    ]  # fmt: skip
+    assert first["medium"] == "GPU" and first["group_idx"] == 0
+    assert first["kv_cache_spec_kind"] == "full_attention"
+    assert first["extra_keys"] == [None] * len(first["block_hashes"])
     assert [int.from_bytes(f[1], "big") for f in frames] == list(range(len(frames)))
     assert len(seq) == 8
     stored = [ev for f in frames for ev in decode_batch(f[2]).events if isinstance(ev, BlockStored)]
@@ -129,17 +140,17 @@ async def test_events_connect_mode_reaches_a_bound_subscriber(start_pod) -> None
     sub.bind("tcp://127.0.0.1:0")
     endpoint = sub.getsockopt_string(zmq.LAST_ENDPOINT)
     try:
-        pod: EmulatorPod = await start_pod(events_connect=endpoint, events_topic=None)
-        # A connecting PUB drops what it sends before the SUB's subscription reaches it, so
-        # keep producing events (fresh prompts) until one arrives.
+        pod: EmulatorPod = await start_pod(
+            events_connect=endpoint, events_topic="kv@{endpoint}@{model}"
+        )
+        # The pod holds its batches until the subscription has reached it: the very first
+        # request's batch arrives, with seq 0.
         async with httpx.AsyncClient(base_url=pod.url) as c, asyncio.timeout(5):
-            for base in range(0, 10**6, 32):
-                body = {"model": MODEL, "prompt": list(range(base, base + 32)), "max_tokens": 1}
-                assert (await c.post("/v1/completions", json=body)).status_code == 200
-                if await sub.poll(20):
-                    break
-            topic, _, _ = await sub.recv_multipart()
-        assert topic.startswith(f"kv@{pod.endpoint}@".encode())
+            body = {"model": MODEL, "prompt": list(range(32)), "max_tokens": 1}
+            assert (await c.post("/v1/completions", json=body)).status_code == 200
+            topic, seq, _ = await sub.recv_multipart()
+        assert topic == f"kv@{pod.endpoint}@{MODEL}".encode()
+        assert int.from_bytes(seq, "big") == 0
     finally:
         sub.close()
         ctx.term()

@@ -33,7 +33,7 @@ async def test_error_rate_answers_openai_errors(start_pod) -> None:  # type: ign
     async with httpx.AsyncClient(base_url=pod.url) as c:
         r = await c.post("/v1/completions", json=BODY)
     assert r.status_code == 500
-    assert r.json()["error"]["type"] == "server_error"
+    assert r.json()["error"]["type"] == "InternalServerError" and r.json()["error"]["code"] == 500
 
 
 async def test_admin_endpoint_changes_faults_and_rejects_unknown_fields(client, admin) -> None:  # type: ignore[no-untyped-def]

@@ -9,7 +9,13 @@ from router.request import RequestError, parse_request
 from router.scrape import parse_vllm_metrics
 from tests.emulator.conftest import MODEL, sse_data
 
-CHOICE_KEYS = {"index", "text", "logprobs", "finish_reason", "stop_reason", "prompt_logprobs"}
+CHOICE_KEYS = {
+    "index", "text", "logprobs", "finish_reason", "stop_reason", "token_ids", "prompt_logprobs",
+    "prompt_token_ids", "routed_experts",
+}  # fmt: skip
+STREAM_CHOICE_KEYS = [
+    "index", "text", "logprobs", "finish_reason", "stop_reason", "prompt_token_ids", "token_ids",
+]  # fmt: skip
 
 
 async def test_completion_body_has_vllm_fields_and_exact_usage(client: httpx.AsyncClient) -> None:
@@ -54,10 +60,8 @@ async def test_completion_stream_chunks_end_with_usage_and_done(client: httpx.As
     assert usage_chunk["choices"] == [] and usage_chunk["usage"]["completion_tokens"] == 5
     chunks = events[:-2]
     assert all(c["object"] == "text_completion" for c in chunks)
-    assert all(
-        set(c["choices"][0]) == {"index", "text", "logprobs", "finish_reason", "stop_reason"}
-        for c in chunks
-    )
+    assert all(list(c["choices"][0]) == STREAM_CHOICE_KEYS for c in chunks)
+    assert len(chunks) == 5  # one chunk per token, as vLLM
     assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == "length"
     assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
     streamed = "".join(c["choices"][0]["text"] for c in chunks)
@@ -119,11 +123,12 @@ async def test_echo_mode_repeats_the_prompt(start_pod) -> None:  # type: ignore[
     assert text.startswith("Hello there, world!")
 
 
-async def test_bad_bodies_get_the_router_parsers_error(client: httpx.AsyncClient) -> None:
-    for raw, path in (
-        (b"{not json", "/v1/completions"),
-        (b'{"model": "m"}', "/v1/completions"),
-        (b'{"model": "m", "messages": 3}', "/v1/chat/completions"),
+async def test_bad_bodies_get_vllms_error_shape_with_the_parsers_reason(
+    client: httpx.AsyncClient,
+) -> None:
+    for raw, path, vllm_type, param in (
+        (b"{not json", "/v1/completions", "Bad Request", "body"),
+        (b'{"model": "m", "messages": 3}', "/v1/chat/completions", "Bad Request", "body.messages"),
     ):
         r = await client.post(path, content=raw)
         try:
@@ -131,17 +136,50 @@ async def test_bad_bodies_get_the_router_parsers_error(client: httpx.AsyncClient
         except RequestError as err:
             expected = err
         assert r.status_code == expected.status == 400
-        assert r.json() == expected.to_json()
+        assert r.json() == {
+            "error": {"message": expected.message, "type": vllm_type, "param": param, "code": 400}
+        }
+    r = await client.post("/v1/completions", content=b'{"model": "m"}')
+    assert r.json()["error"] == {
+        "message": "Either prompt or prompt_embeds must be provided and non-empty. "
+        "(parameter=prompt)",
+        "type": "BadRequestError",
+        "param": "prompt",
+        "code": 400,
+    }
 
 
-async def test_unknown_model_is_404_and_context_overflow_400(client: httpx.AsyncClient) -> None:
+async def test_unknown_model_is_404_and_context_overflow_400(start_pod) -> None:  # type: ignore[no-untyped-def]
+    pod: EmulatorPod = await start_pod(max_model_len=1000)
+    async with httpx.AsyncClient(base_url=pod.url, timeout=30.0) as client:
+        await _unknown_model_and_overflow(client)
+
+
+async def _unknown_model_and_overflow(client: httpx.AsyncClient) -> None:
     r = await client.post("/v1/completions", json={"model": "nope", "prompt": "x"})
-    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    assert r.status_code == 404
+    assert r.json()["error"] == {
+        "message": f"The model `nope` does not exist. Valid aliases: {MODEL}.",
+        "type": "NotFoundError",
+        "param": "model",
+        "code": 404,
+    }
+    # vLLM 0.32 clamps max_tokens to the room left; only a prompt over the limit is refused.
     r = await client.post(
-        "/v1/completions", json={"model": MODEL, "prompt": [1] * 100, "max_tokens": 131_000}
+        "/v1/completions", json={"model": MODEL, "prompt": [1] * 100, "max_tokens": 5000}
     )
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 1000 - 100
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": [1] * 1005})
     assert r.status_code == 400
-    assert "maximum context length is 131072 tokens" in r.json()["error"]["message"]
+    assert r.json()["error"] == {
+        "message": "This model's maximum context length is 1000 tokens. However, your prompt "
+        "contains 1005 input tokens, which exceeds this limit even without any output "
+        "tokens. Please reduce the length of the input prompt. (parameter=input_tokens, "
+        "value=1005)",
+        "type": "BadRequestError",
+        "param": "input_tokens",
+        "code": 400,
+    }
 
 
 async def test_models_health_version_tokenize(client: httpx.AsyncClient) -> None:
@@ -177,7 +215,9 @@ async def test_metrics_parse_with_the_routers_scraper(client: httpx.AsyncClient)
         "vllm:e2e_request_latency_seconds_count",
         "vllm:request_queue_time_seconds_count",
         "vllm:cache_config_info",
-        "vllm:lora_requests_info",
+        "vllm:num_requests_waiting_by_reason",
+        "vllm:prompt_tokens_cached_total",
+        "vllm:request_prefill_time_seconds_count",
     ):
         assert name + "{" in text, name
     assert 'model_name="meta-llama/Llama-3.1-8B-Instruct"' in text

@@ -40,6 +40,8 @@ async def test_serve_reports_ready_serves_metrics_and_exits_cleanly_on_sigterm(
         "0",
         "--metrics-port",
         "0",
+        "--lame-duck",
+        "0",
         "--grace-period",
         "1",
         stderr=asyncio.subprocess.PIPE,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,6 @@ from echo_pod import MODEL, EchoPod
 
 from envoy_extproc.envoy_process import EnvoyProcess, envoy_binary
 from envoy_extproc.server import PickerServer
-from envoy_extproc.settings import ExtProcSettings
 from router.config import load_config
 from router.scheduler import Decision
 
@@ -88,10 +88,16 @@ def envoy_stack(tmp_path: Path) -> StackFactory:
             await asyncio.gather(*(p.start() for p in pods))
             path = tmp_path / "router.yaml"
             path.write_text(pods_yaml(pods, roles, pod_fields) + config_tail)
-            settings = ExtProcSettings(
-                host="127.0.0.1", grpc_port=0, health_port=0, metrics_port=0, grace_period_s=5
+            config = load_config(path)
+            settings = dataclasses.replace(
+                config.extproc,
+                host="127.0.0.1",
+                grpc_port=0,
+                health_port=0,
+                metrics_port=0,
+                grace_period_s=5,
             )
-            picker = PickerServer(load_config(path), settings, config_path=path)
+            picker = PickerServer(config, settings, config_path=path)
             await picker.start()
             stack.push_async_callback(picker.stop, 0)
             assert picker.ports is not None

@@ -43,7 +43,7 @@ async def test_killed_pod_gets_503_then_traffic_moves_to_a_live_pod(
 ) -> None:
     """Shipped retry policy: 1 retry on connect-failure/refused-stream/reset-before-request,
     which ORIGINAL_DST sends to the same (dead) address: the client sees a 503, the picker
-    records the failure, and once the scraper marks the pod unhealthy traffic moves."""
+    records the failure and ejects the pod (passive health); traffic moves."""
     prompt = "shared prefix for the dying pod " * 40
     async with envoy_stack() as s:
         r = await s.client.post("/v1/chat/completions", json=chat(prompt + "a"))
@@ -63,6 +63,55 @@ async def test_killed_pod_gets_503_then_traffic_moves_to_a_live_pod(
         r = await s.client.post("/v1/chat/completions", json=chat(prompt + "c"))
         assert r.status_code == 200
         assert r.json()["served_by"] != victim
+
+
+async def test_passive_health_ejects_a_killed_pod_on_the_first_failure_and_readmits_it(
+    envoy_stack: StackFactory,
+) -> None:
+    """The picker sees Envoy's 503 for the dead pod (tagged unreachable by the bootstrap) and
+    ejects the pod at once, without waiting for the scraper; the client gets OpenAI error JSON
+    and never the tag. Once the pod is back and its ejection over, it gets traffic again."""
+    tail = "seed: 7\nscrape: {unhealthy_after: 1000}\nextproc: {outlier_base_ejection_s: 0.5}\n"
+    prompt = "shared prefix for the dying pod " * 40
+    async with envoy_stack(config_tail=tail) as s:
+        assert s.picker.passive_health is not None
+        r = await s.client.post("/v1/chat/completions", json=chat(prompt + "a"))
+        victim = r.json()["served_by"]
+        await s.pod(victim).stop()
+        r = await s.client.post("/v1/chat/completions", json=chat(prompt + "b"))
+        assert r.status_code == 503
+        assert r.json()["error"]["code"] == "upstream_unavailable"
+        assert "x-kvroute-upstream-failure" not in r.headers
+        # Ejected by the picker itself: the scraper would need 1000 failed scrapes.
+        assert victim in s.picker.passive_health.ejected
+        assert not s.picker.registry[victim].healthy
+        for i in range(5):
+            r = await s.client.post("/v1/chat/completions", json=chat(prompt + f"c{i}"))
+            assert r.status_code == 200
+            assert r.json()["served_by"] != victim
+        await s.pod(victim).start()
+        await wait_for(lambda: s.picker.registry[victim].healthy, 5)
+        assert victim not in s.picker.passive_health.ejected
+        r = await s.client.post("/v1/chat/completions", json=chat(prompt + "d"))
+        assert r.json()["served_by"] == victim
+
+
+async def test_one_pod_answering_500_is_not_ejected_by_a_single_request(
+    envoy_stack: StackFactory,
+) -> None:
+    """A 5xx from the pod itself ejects only after several distinct requests in a row."""
+    async with envoy_stack() as s:
+        health = s.picker.passive_health
+        assert health is not None
+        r = await s.client.post("/v1/chat/completions", json=chat("pick a pod"))
+        victim = r.json()["served_by"]
+        for _ in range(3):  # the same request failing again is counted once
+            health.record_failure(victim, 500, "one-bad-request", unreachable=False)
+        assert victim not in health.ejected
+        for i in range(health.outliers.policy.consecutive_5xx):
+            health.record_failure(victim, 500, f"request-{i}", unreachable=False)
+        assert victim in health.ejected
+        assert not s.picker.registry[victim].healthy
 
 
 async def test_graceful_shutdown_lets_an_open_stream_finish(envoy_stack: StackFactory) -> None:
@@ -177,6 +226,54 @@ async def test_kv_events_route_a_prefix_to_the_pod_that_reports_it(
                 r = await s.client.post("/v1/completions", json=body)
                 assert r.status_code == 200, r.text
                 assert r.json()["served_by"] == s.pods[holder].endpoint
+    finally:
+        for pub in pubs:
+            pub.close()
+
+
+async def test_a_restarted_picker_routes_warm_prefixes_to_their_pods_from_the_replay_buffers(
+    envoy_stack: StackFactory, tmp_path: Path
+) -> None:
+    """The pods cached six prefixes before this picker started (as if it had just been
+    restarted): it reads their replay buffers on start, so each prefix goes back to its pod
+    with no new KV event."""
+    tokenizer = build_tokenizer(tmp_path / "tok")
+    pubs = [
+        KVEventPublisher("tcp://127.0.0.1:*", bind=True, replay_endpoint="tcp://127.0.0.1:*")
+        for _ in range(3)
+    ]
+    # Prefix only: these short prompts would otherwise go where the load model prefers.
+    tail = (
+        f"blocks: {{mode: tokens, block_size: 16, tokenizer_path: '{tokenizer}'}}\nseed: 7\n"
+        "plugins: [{type: single-profile-handler}, {type: prefix-cache-scorer},"
+        " {type: max-score-picker}]\n"
+        "schedulingProfiles: [{name: default, plugins: [{pluginRef: prefix-cache-scorer},"
+        " {pluginRef: max-score-picker}]}]\n"
+    )
+    fields = [
+        {"kv_events_endpoint": pub.endpoint, "kv_replay_endpoint": str(pub.replay_endpoint)}
+        for pub in pubs
+    ]
+    prefixes = [list(range(100 + 64 * i, 164 + 64 * i)) for i in range(6)]  # 4 blocks each
+    holders = [i % 3 for i in range(6)]
+    try:
+        for i, (tokens, holder) in enumerate(zip(prefixes, holders, strict=True)):
+            stored = BlockStored(
+                block_hashes=[9000 + 10 * i + j for j in range(4)],
+                parent_block_hash=None,
+                token_ids=tokens,
+                block_size=16,
+            )
+            pubs[holder].publish([stored])
+        async with envoy_stack(config_tail=tail, pod_fields=fields) as s:
+            sub = s.picker.feeds.subscriber
+            assert sub is not None
+            assert sub.stats.replayed_batches == 6
+            for i, (tokens, holder) in enumerate(zip(prefixes, holders, strict=True)):
+                body = {"model": MODEL, "prompt": [*tokens, 900 + i], "max_tokens": 4}
+                r = await s.client.post("/v1/completions", json=body)
+                assert r.status_code == 200, r.text
+                assert r.json()["served_by"] == s.pods[holder].endpoint, i
     finally:
         for pub in pubs:
             pub.close()

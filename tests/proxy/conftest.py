@@ -3,7 +3,8 @@
 `FakePod` is a small vLLM-shaped pod whose failures a test switches on. Real HTTP over loopback
 (aiohttp's server), so the proxy meets real resets, refusals and slow sockets. `mode`: "ok",
 "error500", "die_mid_stream" (two chunks, then the connection is aborted), "slow" (waits
-`delay_s` before answering), "prefill_fails" (500 on prefill legs).
+`delay_s` before answering), "prefill_fails" (500 on prefill legs). In every mode a request
+whose body holds `POISON` (a prompt the engine chokes on) gets a 500 at once.
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ class Received:
     path: str
     body: dict[str, Any]
     headers: dict[str, str]
+
+
+#: A request whose body holds this answers 500 whatever the mode (a poison request).
+POISON = "POISON-500"
 
 
 @dataclass
@@ -91,9 +96,15 @@ class FakePod:
         )
 
     async def _infer(self, req: web.Request) -> web.StreamResponse:
-        body = await req.json()
+        raw = await req.read()
+        body = json.loads(raw)
         self.received.append(Received(req.path, body, dict(req.headers)))
         kv = body.get("kv_transfer_params") or {}
+        if POISON.encode() in raw:
+            return web.json_response(
+                {"error": {"message": "engine failed", "type": "InternalServerError", "code": 500}},
+                status=500,
+            )
         if self.mode == "error500" or (self.mode == "prefill_fails" and kv.get("do_remote_decode")):
             return web.json_response(
                 {"error": {"message": "engine crashed", "type": "server_error", "code": 500}},

@@ -82,8 +82,19 @@ async def test_pod_killed_mid_stream_ends_the_stream_with_an_error_event(make_po
         assert len(events) == 4  # two chunks, the error event, [DONE]
         assert json.loads(events[0][6:])["choices"][0]["delta"]["content"] == "tok "
         error = json.loads(events[2][6:])["error"]
-        assert error["code"] == "upstream_error" and pod.endpoint in error["message"]
+        assert error == {
+            "message": f"the model server {pod.endpoint} closed the connection before the "
+            "response was complete",
+            "type": "BadGatewayError",
+            "param": None,
+            "code": 502,
+        }
         assert events[3] == "data: [DONE]"
+        # Counted as what the client saw (a 200), and the broken stream apart.
+        metrics = (await client.get("/metrics")).text
+        assert 'kvroute_proxy_requests_total{model="m",status="200"} 1.0' in metrics
+        assert 'status="502"' not in metrics
+        assert 'kvroute_proxy_stream_errors_total{reason="pod_closed"} 1.0' in metrics
         pod.mode = "ok"
         await until(lambda: _pod_state(app, pod.endpoint).healthy)
         await _ok(client)
@@ -96,7 +107,9 @@ async def test_slow_pod_times_out_with_504_and_is_not_ejected(pods, proxy):
     async with proxy([slow], first_byte_timeout_s=0.3) as (app, client):
         r = await client.post("/v1/chat/completions", json=CHAT)
         assert r.status_code == 504
-        assert r.json()["error"]["code"] == "timeout"
+        assert r.json()["error"]["code"] == 504
+        assert r.json()["error"]["type"] == "GatewayTimeoutError"
+        assert r.headers["x-kvroute-error"] == "timeout"
         assert _pod_state(app, slow.endpoint).healthy
         slow.mode = "ok"
         await _ok(client)
@@ -107,7 +120,7 @@ async def test_stream_past_the_total_timeout_ends_with_an_error_event(make_pod, 
     async with proxy([pod], total_timeout_s=0.5) as (_app, client):
         async with client.stream("POST", "/v1/chat/completions", json=_stream(20)) as r:
             events = [line async for line in r.aiter_lines() if line.startswith("data: ")]
-        assert json.loads(events[-2][6:])["error"]["code"] == "timeout"
+        assert json.loads(events[-2][6:])["error"]["code"] == 504
         assert 1 < len(events) < 10
         pod.token_delay_s = 0.0
         await _ok(client)
@@ -142,7 +155,7 @@ async def test_client_disconnect_while_waiting_for_a_non_streaming_answer(make_p
         await _ok(client)
 
 
-async def test_malformed_bodies_get_400_or_413_in_openai_shape(pods, proxy):
+async def test_malformed_bodies_get_400_or_413_in_vllm_shape(pods, proxy):
     async with proxy(pods, extra_yaml="request: {max_body_bytes: 2000}\n") as (_app, client):
         cases = [
             (b"{not json", 400, "invalid_json"),
@@ -158,8 +171,14 @@ async def test_malformed_bodies_get_400_or_413_in_openai_shape(pods, proxy):
                 "/v1/chat/completions", content=raw, headers={"content-type": "application/json"}
             )
             assert r.status_code == status, raw[:40]
-            assert r.json()["error"]["code"] == code
-            assert set(r.json()["error"]) == {"message", "type", "code"}
+            error = r.json()["error"]
+            # vLLM's ErrorInfo: message, type (a class name), param, integer code.
+            assert set(error) == {"message", "type", "param", "code"}
+            assert error["code"] == status
+            assert error["type"] == (
+                "BadRequestError" if status == 400 else "RequestEntityTooLargeError"
+            )
+            assert r.headers["x-kvroute-error"] == code
         await _ok(client)
     assert sum(len(p.received) for p in pods) == 1
 
@@ -172,7 +191,7 @@ async def test_overload_gets_429_with_retry_after(make_pod, proxy):
         r = await client.post("/v1/chat/completions", json=CHAT)
         assert r.status_code == 429
         assert r.headers["retry-after"] == "1"
-        assert r.json()["error"]["type"] == "rate_limit_error"
+        assert r.json()["error"]["type"] == "RateLimitError"
         assert (await first).status_code == 200
         await _ok(client)
 
@@ -189,11 +208,11 @@ async def test_sheddable_requests_are_refused_first_when_the_queue_is_full(make_
         await asyncio.sleep(0.05)
         # Queue full: another sheddable one is refused at once...
         r = await client.post("/v1/chat/completions", json=CHAT, headers=shed)
-        assert r.status_code == 429 and r.json()["error"]["code"] == "shed"
+        assert r.status_code == 429 and r.headers["x-kvroute-error"] == "shed"
         # ...and a standard one takes the queued sheddable one's place.
         standard = await client.post("/v1/chat/completions", json=CHAT)
         displaced = await queued_shed
-        assert displaced.status_code == 429 and displaced.json()["error"]["code"] == "shed"
+        assert displaced.status_code == 429 and displaced.headers["x-kvroute-error"] == "shed"
         assert standard.status_code == 200
         assert (await running).status_code == 200
 
@@ -206,6 +225,6 @@ async def test_sheddable_request_refused_when_every_pod_is_saturated(pods, proxy
         r = await client.post(
             "/v1/chat/completions", json=CHAT, headers={"x-kvroute-priority": "sheddable"}
         )
-        assert r.status_code == 429 and r.json()["error"]["code"] == "shed"
+        assert r.status_code == 429 and r.headers["x-kvroute-error"] == "shed"
         assert "retry-after" in r.headers
         await _ok(client)  # a standard request is still served

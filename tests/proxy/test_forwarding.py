@@ -120,7 +120,8 @@ async def test_unknown_model_is_404_in_openai_shape(pods, proxy):
         r = await client.post("/v1/chat/completions", json=_chat(model="nope"))
         ok = await client.post("/v1/chat/completions", json=_chat())
     assert r.status_code == 404
-    assert r.json()["error"]["code"] == "model_not_found"
+    assert r.json()["error"]["type"] == "NotFoundError" and r.json()["error"]["code"] == 404
+    assert r.headers["x-kvroute-error"] == "model_not_found"
     assert ok.status_code == 200
 
 
@@ -129,7 +130,8 @@ async def test_no_routable_pod_is_503_and_service_resumes_when_one_returns(pods,
         for p in pods:
             app.registry.set_health(p.endpoint, False)
         r = await client.post("/v1/chat/completions", json=_chat())
-        assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"
+        assert r.status_code == 503 and r.json()["error"]["type"] == "ServiceUnavailableError"
+        assert r.headers["retry-after"] == "1"
         app.registry.set_health(pods[0].endpoint, True)
         ok = await client.post("/v1/chat/completions", json=_chat())
     assert ok.status_code == 200 and ok.json()["served_by"] == pods[0].endpoint

@@ -52,7 +52,8 @@ async def test_prefill_host_outside_the_allowlist_gets_403_and_no_request_is_sen
             headers={"x-prefiller-host-port": "169.254.169.254:80"},
         )
         assert r.status_code == 403
-        assert r.json()["error"]["code"] == "prefill_target_not_allowed"
+        assert r.json()["error"]["code"] == 403
+        assert r.headers["x-kvroute-error"] == "prefill_target_not_allowed"
         assert decode.received == [] and prefill.received == []
         ok = await client.post("/v1/chat/completions", json=CHAT)
     assert ok.status_code == 200 and ok.json()["served_by"] == decode.endpoint

@@ -150,9 +150,10 @@ async def engine_counter(pod: VllmPod, name: str) -> float:
     return total
 
 
-async def join_feeds(app: ProxyApp, fleet: VllmFleet, timeout_s: float = 60.0) -> None:
-    """Send small fresh prompts straight to each pod until the proxy's subscriber has heard
-    a batch from it (subscriptions reach a connecting PUB asynchronously)."""
+async def join_feeds(app: Any, fleet: VllmFleet, timeout_s: float = 60.0) -> None:
+    """Send small fresh prompts straight to each pod until the face's subscriber has heard
+    a batch from it (subscriptions reach a connecting PUB asynchronously), then wait for the
+    silence rule's baselines. `app`: anything with `.feeds` (the proxy, the ext_proc picker)."""
     sub = app.feeds.subscriber
     assert sub is not None, "KV events are not on in the proxy"
     async with httpx.AsyncClient(timeout=60.0) as c:
@@ -171,6 +172,14 @@ async def join_feeds(app: ProxyApp, fleet: VllmFleet, timeout_s: float = 60.0) -
                         break
                     await asyncio.sleep(0.05)
     await sub.ingester.drain()
+    # The silence rule counts the engines' work from a settled baseline (see router.feeds):
+    # wait for it, so work a test makes from here on is judged against it.
+    for pod in fleet.pods:
+        await wait_for(
+            lambda ep=pod.endpoint: app.feeds.silence_baseline_ready(ep),
+            timeout_s,
+            f"the silence baseline of {pod.endpoint}",
+        )
 
 
 @contextlib.asynccontextmanager

@@ -79,8 +79,10 @@ def test_score_keeps_ratios_and_the_lowest_prediction_wins() -> None:
         x = details[ep]
         # Two pods of three have queued work: the recompute charge is 2/3 of workWeight (1).
         assert x["work_charge"] == pytest.approx(2 / 3)
+        # A cold prompt seeds its prefix: charged the pod's wait above the least-loaded one's.
+        assert x["placement_s"] == pytest.approx(x["typical_wait_s"] - details[C]["typical_wait_s"])
         assert x["routing_cost_s"] == pytest.approx(
-            x["predicted_ttft_s"] + 2 / 3 * x["own_prefill_s"]
+            x["predicted_ttft_s"] + 2 / 3 * x["own_prefill_s"] + x["placement_s"]
         )
     assert by_pod[C].total == pytest.approx(1.0)
     assert min(details, key=lambda ep: details[ep]["predicted_ttft_s"]) == C
@@ -193,6 +195,30 @@ def test_idle_fleet_costs_pure_predicted_ttft() -> None:
         assert x["work_charge"] == 0.0 and x["routing_cost_s"] == x["predicted_ttft_s"]
 
 
+def test_cold_prefixes_are_placed_by_long_run_load_and_hits_stay_with_their_holder() -> None:
+    """Pod A was busy for the last half minute but is idle right now: a cold prompt goes to
+    an idle pod that was not; a prompt A holds still goes to A."""
+    sched = scheduler_with("predicted-ttft-scorer")
+    pod_a = sched.registry[A]
+    for t in range(30):
+        pod_a.inflight_prefill_tokens = 40_000  # A's queue while it was busy
+        sched.schedule(token_request(prefix(200, 10**6 + 1000 * t)), now=float(t))
+    pod_a.inflight_prefill_tokens = 0  # ... and drained just now
+    held = prefix(4096, 777)
+    sched.precise_index.add_blocks(A, sched.keyer.keys(token_request([*held, 1])))
+    cold = sched.schedule(token_request(prefix(4096, 5 * 10**6)), now=30.0)
+    assert cold.target in (B, C)
+    parts = {s.endpoint: s.details["predicted-ttft-scorer"] for s in cold.results["default"].pods}
+    assert parts[A]["predicted_ttft_s"] == pytest.approx(parts[B]["predicted_ttft_s"])
+    assert parts[A]["placement_s"] > 0.1 and parts[B]["placement_s"] == 0.0
+    hit = sched.schedule(token_request([*held, *prefix(64, 9 * 10**6)]), now=30.0)
+    assert hit.target == A
+    # Turned off, the cold prompt sees three equal idle pods (no placement term).
+    plain = scheduler_with("predicted-ttft-scorer", {"loadHorizonS": 0.0})
+    d = plain.schedule(token_request(prefix(4096, 5 * 10**6)), now=30.0)
+    assert "placement_s" not in d.results["default"].pods[0].details["predicted-ttft-scorer"]
+
+
 def test_a_wrong_profile_is_corrected_for_pods_never_observed() -> None:
     """Every pod is 4x slower than the profile: observing one pod moves the fleet's factors,
     so an unobserved pod does not look faster merely for keeping the profile's prior."""
@@ -246,6 +272,7 @@ def test_hooks_balance_the_prefilling_count() -> None:
         ({"kvKnee": 1.5}, "kvKnee"),
         ({"decay": 0.0}, "decay"),
         ({"maxNumBatchedTokens": "lots"}, "maxNumBatchedTokens"),
+        ({"loadHorizonS": -1.0}, "loadHorizonS"),
     ],
 )
 def test_bad_parameters_are_errors_naming_them(params: dict, needle: str) -> None:

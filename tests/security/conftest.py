@@ -64,9 +64,9 @@ def record_bodies(
     seen = [] if seen is None else seen
     prepare = pod.runtime.prepare
 
-    def recording(req: Any) -> Any:
+    def recording(req: Any, *args: Any, **kwargs: Any) -> Any:
         seen.append(copy.deepcopy(req.body))
-        return prepare(req)
+        return prepare(req, *args, **kwargs)
 
     pod.runtime.prepare = recording  # type: ignore[method-assign]
     return seen

@@ -111,8 +111,10 @@ async def test_proxy_answers_models_and_refuses_every_other_path(
             continue
         assert r.status_code in (404, 405), (method, path, r.status_code, r.text)
         err = r.json()["error"]
-        assert err["code"] in ("unknown_path", "method_not_allowed"), (method, path, err)
-        assert err["type"] == "not_found_error" if r.status_code == 404 else err["type"]
+        reason = r.headers["x-kvroute-error"]
+        assert reason in ("unknown_path", "method_not_allowed"), (method, path, err)
+        assert err["code"] == r.status_code, (method, path, err)
+        assert err["type"] == ("NotFoundError" if r.status_code == 404 else "MethodNotAllowedError")
     models = await plain.client.get("/v1/models")
     assert models.status_code == 200 and MODEL in [m["id"] for m in models.json()["data"]]
     assert plain.received()[before:] == []

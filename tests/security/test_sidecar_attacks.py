@@ -174,7 +174,8 @@ async def test_sidecar_refuses_prefill_hosts_outside_the_pool(
             "/v1/chat/completions", json=attack_chat(canary), headers={HEADER: value}
         )
         assert r.status_code == 403, (value, r.status_code, r.text)
-        assert r.json()["error"]["code"] == "prefill_target_not_allowed"
+        assert r.headers["x-kvroute-error"] == "prefill_target_not_allowed"
+        assert r.json()["error"]["code"] == 403
     assert len(pd.bodies) == before
     await canary.assert_untouched()
 
@@ -189,6 +190,7 @@ async def test_sidecar_refuses_repeated_prefill_headers(pd: PD, canary: Canary) 
     ):
         r = await pd.static.post("/v1/chat/completions", json=attack_chat(canary), headers=headers)
         assert r.status_code == 400, (headers, r.status_code, r.text)
-        assert r.json()["error"]["code"] == "prefill_target_repeated"
+        assert r.headers["x-kvroute-error"] == "prefill_target_repeated"
+        assert r.json()["error"]["code"] == 400
     assert len(pd.bodies) == before
     await canary.assert_untouched()

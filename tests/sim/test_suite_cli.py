@@ -306,3 +306,28 @@ def test_missing_matplotlib_is_reported_before_the_run(tmp_path: Path) -> None:
     assert "--plot needs matplotlib" in out.stderr and "pip install" in out.stderr
     assert "Traceback" not in out.stderr and not (tmp_path / "c").exists()
     assert out.stdout == ""  # nothing ran
+
+
+def test_ttft_floor_bounds_every_policy_and_is_in_the_json(small_profile: Profile) -> None:
+    """The floor: each measured request alone on an idle pod with the best cache any policy
+    got for it — below every policy's TTFT percentiles, and a cold prompt's own prefill."""
+    wl = _small_shared(rate_per_s=40)
+    res = run_policies(
+        wl,
+        parse_fleet("2"),
+        ["round-robin", "kvroute-default", "oracle-pooled"],
+        small_profile,
+        SimSettings(router_overhead_s=0.002),
+    )
+    assert res.ttft_floor_p95_s is not None and res.ttft_floor_p50_s is not None
+    assert 0.002 < res.ttft_floor_p50_s <= res.ttft_floor_p95_s
+    for p in res.policies:
+        assert res.ttft_floor_p50_s <= p.ttft_p50_s + 1e-9
+        assert res.ttft_floor_p95_s <= p.ttft_p95_s + 1e-9
+    # 6 of 60 requests are their group's first (cold 1k-token prefix): the p95 is a cold one.
+    from router.sim.latency import LatencyModel
+
+    cold = LatencyModel(small_profile).prefill_time(1024)
+    assert res.ttft_floor_p95_s >= cold
+    doc = res.to_json()
+    assert doc["ttft_floor_p95_s"] == pytest.approx(res.ttft_floor_p95_s, rel=1e-5)
