@@ -23,6 +23,8 @@ other, then three at once (`overlap`: kill-pod + error-503 + overload):
 - hang-pod: pod 1 stopped with SIGSTOP (the kernel still accepts its connections, nothing
   answers), SIGCONT at the end;
 - error-500 / error-503: pod 1 answers every generation request with that status;
+- metrics-fail: pod 1's `/metrics` answers 500 while its API keeps serving (the router loses
+  that pod's load figures, not the pod);
 - kv-seq-reset / kv-gap: pod 0's publisher restarts its sequence at 0 / loses 3 batches;
 - overload: 8x `--concurrency` extra clients for the hold time;
 - slow-body: 4 clients that send their body one byte every 10 ms (raw socket);
@@ -54,9 +56,6 @@ Also reported: the router's log lines that hold a traceback or an ERROR (a routi
 not be logged as a crash). Output: a table per face on stdout; `--json` prints one JSON object
 instead: {"faces": [{"face", "sent", "completed", "failed": {...}, "hung", "lost",
 "to_dead_pod", "aborted", "faults": [{"fault", "failed", "recover_s"}], ...}], "soak": {...}}.
-
-Not injected: a pod whose `/metrics` alone fails (the emulator has no fault for it; its
-`/metrics` is on the API port, so refusing connections would be a different fault).
 """
 
 from __future__ import annotations
@@ -99,6 +98,7 @@ FAULTS = (
     "hang-pod",
     "error-500",
     "error-503",
+    "metrics-fail",
     "kv-seq-reset",
     "kv-gap",
     "overload",
@@ -604,6 +604,13 @@ class Chaos:
                 await f.fault(1, {"error_rate": 0.0})
 
             return revert_error
+        if name == "metrics-fail":
+            await f.fault(1, {"metrics_error": True})
+
+            async def revert_metrics() -> None:
+                await f.fault(1, {"metrics_error": False})
+
+            return revert_metrics
         if name == "kv-seq-reset":
             await f.fault(0, {"reset_kv_event_seq": True})
             return _noop

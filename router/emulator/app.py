@@ -92,6 +92,9 @@ def build_api_app(rt: PodRuntime, refuse: Callable[[float], Awaitable[None]]) ->
 
     @app.get("/metrics")
     async def metrics() -> Response:
+        if rt.faults.settings.metrics_error:
+            rt.metrics.faults.labels("metrics_error").inc()
+            return Response("metrics exporter failed\n", status_code=500)
         return Response(rt.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/tokenize")

@@ -154,6 +154,7 @@ def add_pod_arguments(p: argparse.ArgumentParser, *, fleet: bool = False) -> Non
     g.add_argument("--fault-stall-s", type=float, default=f.stall_s)
     g.add_argument("--fault-drop-kv-events-rate", type=float, default=f.drop_kv_events_rate)
     g.add_argument("--fault-unhealthy", action="store_true")
+    g.add_argument("--fault-metrics-error", action="store_true")
 
 
 def settings_from_args(args: argparse.Namespace) -> EmulatorSettings:

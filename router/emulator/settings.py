@@ -33,6 +33,8 @@ class FaultSettings:
     drop_kv_events_rate: float = 0.0
     #: `/health` answers 503.
     unhealthy: bool = False
+    #: `GET /metrics` answers 500 (a broken exporter) while the API keeps serving.
+    metrics_error: bool = False
 
     def __post_init__(self) -> None:
         for name in ("error_rate", "latency_spike_rate", "stall_rate", "drop_kv_events_rate"):

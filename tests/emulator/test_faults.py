@@ -49,6 +49,17 @@ async def test_admin_endpoint_changes_faults_and_rejects_unknown_fields(client, 
     assert (await client.get("/health")).status_code == 503
 
 
+async def test_metrics_error_fails_only_the_exporter(client, admin) -> None:  # type: ignore[no-untyped-def]
+    await admin.post("/admin/faults", json={"metrics_error": True})
+    assert (await client.get("/metrics")).status_code == 500
+    assert (await client.post("/v1/completions", json=BODY)).status_code == 200
+    assert (await client.get("/health")).status_code == 200
+    await admin.post("/admin/faults", json={"metrics_error": False})
+    r = await client.get("/metrics")
+    counted = 'kvroute_emulator_faults_injected_total{kind="metrics_error"} 1.0'
+    assert r.status_code == 200 and counted in r.text
+
+
 async def test_crash_after_tokens_breaks_the_stream(client, admin) -> None:  # type: ignore[no-untyped-def]
     await admin.post("/admin/faults", json={"crash_after_tokens": 3})
     chunks = []

@@ -92,8 +92,14 @@ async def test_passive_health_ejects_a_killed_pod_on_the_first_failure_and_readm
         await s.pod(victim).start()
         await wait_for(lambda: s.picker.registry[victim].healthy, 5)
         assert victim not in s.picker.passive_health.ejected
-        r = await s.client.post("/v1/chat/completions", json=chat(prompt + "d"))
-        assert r.json()["served_by"] == victim
+        # Back in the rotation: fresh prompts (the dying pod's prefix now lives elsewhere)
+        # reach it again.
+        served = set()
+        for i in range(12):
+            r = await s.client.post("/v1/chat/completions", json=chat(f"fresh prompt {i} " * 30))
+            assert r.status_code == 200
+            served.add(r.json()["served_by"])
+        assert victim in served
 
 
 async def test_one_pod_answering_500_is_not_ejected_by_a_single_request(
