@@ -11,8 +11,10 @@ averages of 3-6 while it was written), and a pod process that waits for a core d
 on a quiet machine the server-side error is under 1% (see the benchmark).
 The client's view adds HTTP, JSON and scheduling overhead that the GPU model does not contain
 and that depends on what else the two cores are doing, so it is held to: never faster than the
-model (by more than 5%), and at most 25 ms slower. `benchmarks/emulator_timing.py` reports both
-views with their errors and applies the strict 10% to the client's view.
+model or the pod's own view, whichever is lower (by more than 5%: with 64 streams the pod's own
+view may sit below the model within its 20%, measured 5.8% once), and at most 25 ms slower.
+`benchmarks/emulator_timing.py` reports both views with their errors and applies the strict
+10% to the client's view.
 """
 
 from __future__ import annotations
@@ -38,5 +40,5 @@ async def test_wall_clock_timing_matches_the_engine_model() -> None:
         )
         rel = 0.20 if r.name == "itl_64_seqs" else 0.10
         assert abs(r.server_s - r.predicted_s) <= rel * r.predicted_s + 0.005, what
-        assert r.measured_s >= 0.95 * r.predicted_s, what
+        assert r.measured_s >= 0.95 * min(r.predicted_s, r.server_s), what
         assert r.measured_s - r.predicted_s <= 0.025, what
