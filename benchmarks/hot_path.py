@@ -35,6 +35,7 @@ from router.index import BlockIndex
 from router.pods import MetricsSnapshot, Pod, PodRegistry
 from router.request import RoutingRequest, parse_request
 from router.scheduler import Scheduler
+from router.sim.policies import policy_config
 
 PODS = 32
 CONVERSATIONS = 1_000
@@ -69,30 +70,16 @@ schedulingProfiles:
       - {pluginRef: max-score-picker}
 """
 
-#: A precise profile of the peers' kind (llm-d's guide weights) as the same-run baseline.
-LLMD_PRECISE_CONFIG = """
-plugins:
-  - {type: precise-prefix-cache-scorer}
-  - {type: kv-cache-utilization-scorer}
-  - {type: queue-scorer}
-  - {type: max-score-picker}
-schedulingProfiles:
-  - name: default
-    plugins:
-      - {pluginRef: precise-prefix-cache-scorer, weight: 2}
-      - {pluginRef: kv-cache-utilization-scorer, weight: 1}
-      - {pluginRef: queue-scorer, weight: 1}
-      - {pluginRef: max-score-picker}
-"""
 #: Decisions held pending (picked, KV events not yet seen) in the "with pending" run.
 PENDING_DECISIONS = 1_000
-#: (name, config, with pending decisions): the default profile is kvroute's own
-#: (`router.config.DEFAULT_PLUGINS_YAML`, precise mode).
+#: (name, simulator policy or None for ALL_SCORERS_CONFIG, with pending decisions). The
+#: policies are the simulator's definitions (`router.sim.policies`): llm-d's precise guide
+#: weights as the peers' baseline, and kvroute's default profile on the precise index.
 SCHEDULE_PROFILES = [
-    ("all_scorers", ALL_SCORERS_CONFIG, False),
-    ("llm_d_precise", LLMD_PRECISE_CONFIG, False),
-    ("default", "prefix_index: {mode: precise}\n", False),
-    ("default_with_pending", "prefix_index: {mode: precise}\n", True),
+    ("all_scorers", None, False),
+    ("llm_d_precise", "llm-d-precise", False),
+    ("default", "kvroute-default", False),
+    ("default_with_pending", "kvroute-default", True),
 ]
 
 
@@ -251,8 +238,11 @@ def main() -> None:
         registry.upsert(p)
     qlist = query.tolist()
     pending_keys = [token_block_keys(c[: 300 * BLOCK], BLOCK) for c in convs[:PENDING_DECISIONS]]
-    for name, yaml_text, pending in SCHEDULE_PROFILES:
-        config = dataclasses.replace(parse_config(yaml_text, "<hot_path>"), seed=1)
+    for name, policy, pending in SCHEDULE_PROFILES:
+        if policy is None:
+            config = dataclasses.replace(parse_config(ALL_SCORERS_CONFIG, "<hot_path>"), seed=1)
+        else:
+            config = policy_config(policy, block_size=BLOCK, seed=1)
         sched = Scheduler(
             config,
             registry=registry,

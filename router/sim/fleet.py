@@ -55,6 +55,10 @@ class FleetSpec:
     def disaggregated(self) -> bool:
         return any(g.role is not Role.BOTH for g in self.groups)
 
+    def gpus(self, default_tp: int) -> int:
+        """GPUs the fleet uses; groups without `tp` run at `default_tp` (the profile's)."""
+        return sum(g.count * (g.tp or default_tp) for g in self.groups)
+
 
 def _options(group: str, raw: str) -> tuple[int | None, str | None]:
     tp: int | None = None

@@ -24,6 +24,7 @@ from typing import Any
 
 from router.sim.fleet import parse_fleet
 from router.sim.latency import Profile
+from router.sim.report import round_figure
 from router.sim.runner import SimSettings, run_policies
 from router.sim.workloads import Workload
 
@@ -61,7 +62,7 @@ class PointResult:
     meets_slo: bool
 
     def to_json(self) -> dict[str, Any]:
-        return {k: _round(v) for k, v in dataclasses.asdict(self).items()}
+        return {k: round_figure(v) for k, v in dataclasses.asdict(self).items()}
 
 
 @dataclass(slots=True)
@@ -86,25 +87,17 @@ class Candidate:
             "gpus": self.gpus,
             "disaggregated": self.disaggregated,
             "load": c.load,
-            "tokens_per_s": _round(c.tokens_per_s),
-            "tokens_per_s_per_gpu": _round(c.tokens_per_s / self.gpus),
-            "usd_per_million_tokens": _round(self.usd_per_million_tokens),
-            "ttft_p50_s": _round(c.ttft_p50_s),
-            "ttft_p95_s": _round(c.ttft_p95_s),
-            "tpot_p50_s": _round(c.tpot_p50_s),
-            "tpot_p95_s": _round(c.tpot_p95_s),
+            "tokens_per_s": round_figure(c.tokens_per_s),
+            "tokens_per_s_per_gpu": round_figure(c.tokens_per_s / self.gpus),
+            "usd_per_million_tokens": round_figure(self.usd_per_million_tokens),
+            "ttft_p50_s": round_figure(c.ttft_p50_s),
+            "ttft_p95_s": round_figure(c.ttft_p95_s),
+            "tpot_p50_s": round_figure(c.tpot_p50_s),
+            "tpot_p95_s": round_figure(c.tpot_p95_s),
             "meets_slo": c.meets_slo,
             "pareto": self.pareto,
             "points": [p.to_json() for p in self.points],
         }
-
-
-def _round(v: Any) -> Any:
-    if isinstance(v, float):
-        if not math.isfinite(v):
-            return None
-        return float(f"{v:.6g}") if v else 0.0
-    return v
 
 
 def tp_degrees(profile: Profile, max_gpus: int) -> list[int]:

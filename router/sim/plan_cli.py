@@ -158,8 +158,7 @@ def run_plan(args: argparse.Namespace) -> int:
         if args.candidate:
             fleets = []
             for spec in args.candidate:
-                gpus = sum(g.count * (g.tp or profile.tp) for g in parse_fleet(spec).groups)
-                fleets.append((spec, gpus))
+                fleets.append((spec, parse_fleet(spec).gpus(profile.tp)))
         else:
             fleets = candidate_fleets(profile, args.gpus, args.gpus_max)
         points = [

@@ -97,7 +97,7 @@ class PolicyResult:
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for name in _JSON_FIELDS:
-            out[name] = _round(getattr(self, name))
+            out[name] = round_figure(getattr(self, name))
         return out
 
 
@@ -151,17 +151,18 @@ class WorkloadResult:
         for key in ("rate_per_s", "speedup", "max_outstanding"):
             value = getattr(self, key)
             if value is not None:
-                out[key] = _round(value)
+                out[key] = round_figure(value)
         if self.warmup_s:
-            out["warmup_s"] = _round(self.warmup_s)
+            out["warmup_s"] = round_figure(self.warmup_s)
         if self.ttft_floor_p95_s is not None:
-            out["ttft_floor_p50_s"] = _round(self.ttft_floor_p50_s)
-            out["ttft_floor_p95_s"] = _round(self.ttft_floor_p95_s)
+            out["ttft_floor_p50_s"] = round_figure(self.ttft_floor_p50_s)
+            out["ttft_floor_p95_s"] = round_figure(self.ttft_floor_p95_s)
         out["policies"] = [p.to_json() for p in self.policies]
         return out
 
 
-def _round(v: Any) -> Any:
+def round_figure(v: Any) -> Any:
+    """A float to 6 significant digits (non-finite → None), the simulator's JSON rounding."""
     if isinstance(v, float):
         if not math.isfinite(v) or v == 0.0:
             return v if math.isfinite(v) else None

@@ -41,10 +41,6 @@ def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]
     return code, out, err
 
 
-def _gpus(spec: str, default_tp: int) -> int:
-    return sum(g.count * (g.tp or default_tp) for g in parse_fleet(spec).groups)
-
-
 def test_candidates_cover_aggregated_and_pd_shapes_within_the_budget() -> None:
     prof = load_profile("llama-3.1-8b-h100")
     cands = candidate_fleets(prof, 8)
@@ -52,7 +48,7 @@ def test_candidates_cover_aggregated_and_pd_shapes_within_the_budget() -> None:
     assert {"8:tp1", "4:tp2", "2:tp4", "1:tp8", "4p:tp1,1d:tp4", "2p:tp2,2d:tp2"} <= set(specs)
     assert len(specs) == len(set(specs))
     for spec, gpus in cands:
-        assert gpus == 8 == _gpus(spec, prof.tp)
+        assert gpus == 8 == parse_fleet(spec).gpus(prof.tp)
     wider = candidate_fleets(prof, 4, 8)
     assert {g for _, g in wider} == {4, 5, 6, 7, 8}
 
