@@ -114,11 +114,15 @@ async def test_chat_second_turn_goes_to_the_prefix_holder_with_a_precise_hit(
         assert second["pick"] == holder
         top = {s["pod"]: s["hit"] for s in second["top"]}
         keys2 = router_keys(app, "/v1/chat/completions", turn2)
-        # Turn 2 shares turn 1's blocks up to where the answer starts; BPE may merge across
-        # that boundary, so the last block of turn 1 can differ (for the engine too).
+        # What the engine holds: the full blocks of turn 1's prompt and of the answer it
+        # generated (all but the last sampled token have their KV computed). Turn 2 shares
+        # them up to where its re-tokenized answer differs; BPE may merge across the
+        # boundary, so the last block of turn 1's prompt can differ (for the engine too).
+        out_ids = r1.json()["choices"][0]["token_ids"]
+        held = token_block_keys([*engine_ids, *out_ids[:-1]], BLOCK_SIZE, app.config.blocks.seed)
         shared = next(
-            (i for i, (a, b) in enumerate(zip(keys1, keys2, strict=False)) if a != b),
-            min(len(keys1), len(keys2)),
+            (i for i, (a, b) in enumerate(zip(held, keys2, strict=False)) if a != b),
+            min(len(held), len(keys2)),
         )
         assert shared >= n_full - 1
         assert abs(top[holder] - round(shared / len(keys2), 4)) < 1e-3
