@@ -36,12 +36,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     k8s = p.add_argument_group(
         "Kubernetes discovery (instead of the config's pods:)",
-        "pods come from the API server: those matching the InferencePool's selector",
+        "pods come from the API server: with --pool-name, the selector and every target "
+        "port of that GAIE InferencePool (inference.networking.k8s.io/v1), followed as it "
+        "changes; without the CRD, --pool-selector and --pool-target-port",
     )
+    k8s.add_argument("--pool-name", default=None, help="InferencePool to serve, as GAIE's EPP")
+    k8s.add_argument("--pool-namespace", default="default", help="namespace of pool and pods")
     k8s.add_argument("--pool-selector", default=None, help="label selector, e.g. app=vllm")
-    k8s.add_argument("--pool-namespace", default="default")
-    k8s.add_argument("--pool-target-port", type=int, default=8000, help="model server port")
+    k8s.add_argument("--pool-target-port", type=int, default=None, help="model server port (8000)")
     k8s.add_argument("--kv-events-port", type=int, default=None, help="pods' KV-event PUB port")
+    p.add_argument(
+        "--served-model",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a model the pool serves, kept as a metric label value (repeatable); models "
+        "no pod lists and not named here are counted as 'other'",
+    )
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=run)
 
@@ -58,6 +69,31 @@ def settings_from_args(args: argparse.Namespace, base: ExtProcSettings) -> ExtPr
     return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 
+def kubernetes_from_args(args: argparse.Namespace) -> KubernetesDiscoverySettings | None:
+    """Discovery settings from the pool flags; None = the config's `pods:`."""
+    if args.pool_name is not None:
+        if args.pool_selector is not None or args.pool_target_port is not None:
+            raise ValueError(
+                "--pool-name reads the selector and ports from the InferencePool; "
+                "drop --pool-selector/--pool-target-port (they are for clusters without it)"
+            )
+        return KubernetesDiscoverySettings(
+            namespace=args.pool_namespace,
+            pool_name=args.pool_name,
+            kv_events_port=args.kv_events_port,
+        )
+    if args.pool_selector is not None:
+        return KubernetesDiscoverySettings(
+            namespace=args.pool_namespace,
+            label_selector=args.pool_selector,
+            target_port=args.pool_target_port or 8000,
+            kv_events_port=args.kv_events_port,
+        )
+    if args.pool_target_port is not None:
+        raise ValueError("--pool-target-port needs --pool-selector (or use --pool-name)")
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -67,18 +103,18 @@ def run(args: argparse.Namespace) -> int:
         config = load_config(args.config)
         base = config.extproc
         settings = settings_from_args(args, base)
-        kubernetes = None
-        if args.pool_selector is not None:
-            kubernetes = KubernetesDiscoverySettings(
-                namespace=args.pool_namespace,
-                label_selector=args.pool_selector,
-                target_port=args.pool_target_port,
-                kv_events_port=args.kv_events_port,
-            )
+        kubernetes = kubernetes_from_args(args)
     except (ConfigError, ValueError) as e:
         print(f"kvroute serve: {e}", file=sys.stderr)
         return 2
-    server = PickerServer(config, settings, config_path=args.config, kubernetes=kubernetes)
+    server = PickerServer(
+        config,
+        settings,
+        config_path=args.config,
+        kubernetes=kubernetes,
+        served_models=args.served_model,
+        freeze_heap=True,
+    )
     try:
         import uvloop  # gRPC aio streams run about twice as fast on it
     except ImportError:

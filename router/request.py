@@ -101,6 +101,8 @@ class RoutingRequest:
     batch_size: int = 1
     #: Prompt length in tokens once known (token ids given, or the keyer tokenized the prompt).
     token_count: int | None = None
+    #: Seconds the keyer spent tokenizing and keying the prompt (`TokenizeWorker.prepare`).
+    tokenize_s: float | None = None
 
     @property
     def sheddable(self) -> bool:

@@ -21,6 +21,10 @@ router's own picks (LRU-bounded, recorded whenever a plugin reads either index) 
 longer match, until its events resume and the precise index (refilled by replay) is the
 truth again.
 
+Several replicas (`router.shared_state`): the hooks tell an optional `observer` each change
+they make (charges, approximate inserts and removals, pending inserts); other replicas' changes
+come back through the index methods and `add_remote_inflight`, which tell it nothing.
+
 A scorer may offer `score_details(ctx, pods) -> (scores, details)`, one dict of named figures
 per pod (e.g. a predicted TTFT and its parts); the profile then calls it instead of `score`
 and the decision carries the details into its explanation.
@@ -32,7 +36,7 @@ import random
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from router.blocks import BlockKeyer, estimate_tokens
 from router.config import RouterConfig
@@ -131,6 +135,23 @@ class Decision:
                 for name, r in self.results.items()
             }
         return out
+
+
+class StateObserver(Protocol):
+    """Told of every change the hooks make to the router's own state, so another replica can
+    apply it (`router.shared_state`). Called on the hot path: record, never block."""
+
+    def charged(self, pod: str, requests: int, tokens: int) -> None:
+        """In-flight requests / uncached prefill tokens on `pod` moved by these (signed)."""
+
+    def indexed(self, pod: str, keys: Sequence[int]) -> None:
+        """The approximate index recorded `keys` on `pod` (a pick)."""
+
+    def unindexed(self, pod: str, keys: Sequence[int]) -> None:
+        """The approximate index forgot `keys` on `pod` (a failed request)."""
+
+    def pending(self, pod: str, keys: Sequence[int]) -> None:
+        """The precise index recorded `keys` on `pod` as pending (a speculative insert)."""
 
 
 class Profile:
@@ -319,6 +340,8 @@ class Scheduler:
         self._pending_max = pi.pending_max_s
         self._model_filter = ModelFilter("model-filter", {}, env)
         self._healthy_filter = HealthyFilter("healthy-filter", {}, env)
+        #: Told of the hooks' state changes (shared state); None = this replica alone.
+        self.observer: StateObserver | None = None
 
     # ------------------------------------------------------------------ scheduling
     def schedule(
@@ -433,18 +456,27 @@ class Scheduler:
             pod = self.registry.get(ep)
             if pod is not None:
                 pod.last_picked_at = now
+        obs = self.observer
         target = self.registry.get(decision.target)
         if target is not None:
             target.inflight_requests += 1
+            if obs is not None:
+                obs.charged(decision.target, 1, 0)
         wpod = self.registry.get(worker)
         if wpod is not None and decision.uncached_tokens:
             wpod.inflight_prefill_tokens += decision.uncached_tokens
             decision._charged.append((worker, decision.uncached_tokens))
+            if obs is not None:
+                obs.charged(worker, 0, decision.uncached_tokens)
         if self._record_approx and decision.request.block_keys:
             keys = decision.request.block_keys
             self.approx_index.add_blocks(decision.target, keys, now=now)
             if decision.prefill:
                 self.approx_index.add_blocks(decision.prefill, keys, now=now)
+            if obs is not None:
+                obs.indexed(decision.target, keys)
+                if decision.prefill:
+                    obs.indexed(decision.prefill, keys)
         if self._pending_ttl is not None and decision.request.block_keys:
             keys = decision.request.block_keys
             until = now + self._pending_max
@@ -452,6 +484,8 @@ class Scheduler:
                 entry = self.precise_index.add_pending(ep, keys, until)
                 if entry is not None:
                     decision._pending.append(entry)
+                    if obs is not None:
+                        obs.pending(ep, entry.keys)
         for p in self._learners:
             p.on_pick(decision, now)
 
@@ -490,6 +524,8 @@ class Scheduler:
             now = self.clock()
         if self._record_approx and decision.request.block_keys:
             self.approx_index.remove_keys(endpoint, decision.request.block_keys)
+            if self.observer is not None:
+                self.observer.unindexed(endpoint, decision.request.block_keys)
         for entry in decision._pending:
             if entry.pod == endpoint:
                 self.precise_index.release_pending(entry)
@@ -510,10 +546,13 @@ class Scheduler:
                 index.set_pending_expiry(entry, until)
 
     def _release_prefill(self, decision: Decision) -> None:
+        obs = self.observer
         for ep, tokens in decision._charged:
             pod = self.registry.get(ep)
             if pod is not None:
                 pod.inflight_prefill_tokens = max(0, pod.inflight_prefill_tokens - tokens)
+            if obs is not None:
+                obs.charged(ep, 0, -tokens)
         decision._charged.clear()
 
     def _finish(self, decision: Decision) -> bool:
@@ -524,9 +563,29 @@ class Scheduler:
         pod = self.registry.get(decision.target)
         if pod is not None:
             pod.inflight_requests = max(0, pod.inflight_requests - 1)
+            if self.observer is not None:
+                self.observer.charged(decision.target, -1, 0)
         return True
 
+    def add_remote_inflight(self, endpoint: str, requests: int, tokens: int) -> None:
+        """Add another replica's in-flight change on `endpoint` (signed; `router.shared_state`
+        applies what the other replicas publish). Not reported to the observer."""
+        pod = self.registry.get(endpoint)
+        if pod is not None:
+            pod.inflight_requests = max(0, pod.inflight_requests + requests)
+            pod.inflight_prefill_tokens = max(0, pod.inflight_prefill_tokens + tokens)
+
     # ------------------------------------------------------------------ helpers
+    @property
+    def records_pending(self) -> bool:
+        """True when picks are recorded in the precise index as pending."""
+        return self._pending_ttl is not None
+
+    @property
+    def records_approx(self) -> bool:
+        """True when picks are recorded in the approximate index."""
+        return self._record_approx
+
     def prefix_index(self) -> BlockIndex:
         """The index plugins read by default (what `explain` seeds and events feed)."""
         return self.indexes[self.default_prefix_mode]

@@ -49,12 +49,26 @@ charged in full. Both figures are in the explanation (`predicted_ttft_s`,
 
 Placement (`loadHorizonS`, 30 s; 0 turns it off): a request that misses seeds its prefix on
 the pod it lands on, and later requests sharing the prefix follow it there, so the cost also
-carries `placement_s` = reuse · seed · (W̄ − min W̄): W̄ is the pod's wait (queued prefill +
-decode interference as predicted) sampled at every decision and averaged over the horizon,
-seed the share of the prompt the request would compute there, reuse the share of prompt
-tokens recent picks found cached (a trace with little reuse keeps routing by the instant).
-Without it cold prefixes go to whichever pod is idle at that instant and prefix groups pile
-up unevenly (measured: 11 to 28 groups of 128 on 8 pods).
+carries `placement_s`, the load that pod's prefixes will draw. `placementLoad` picks how that
+load is measured:
+
+- ``inflight`` (default): reuse · seed · own_prefill_s · (L − min L) / mean L, L = the
+  router's requests in flight on the pod sampled at every decision and averaged over the
+  horizon (by Little's law, the traffic the prefixes it holds draw times how long each
+  stays). The pod holding more than its share of the fleet's work is charged that share of
+  the prefill the seed costs there.
+- ``wait``: reuse · seed · (W̄ − min W̄), W̄ the pod's wait (queued prefill + decode
+  interference as predicted) sampled at every decision and averaged over the horizon.
+
+seed is the share of the prompt the request would compute there (1 for a cold prompt, near 0
+for a hit, so hits stay with their holder), reuse the share of prompt tokens recent picks
+found cached (a trace with little reuse keeps routing by the instant). Without a placement
+term cold prefixes go to whichever pod is idle at that instant and prefix groups pile up
+unevenly (measured: 11 to 28 groups of 128 on 8 pods); with ``wait`` the sampled waits are
+mostly zero on a fleet below saturation and still let groups pile up (13 to 20 of 128),
+while requests in flight (decodes included) are rarely zero. (A
+third measure, decisions picked per pod, balanced shared-prompt as well but lost on closed-
+loop sessions, where a slow pod's sessions ask less often and so look light: removed.)
 
 Hot spots need no rule of their own: the pod holding a hot prefix has it cached (small U)
 but a long queue (large Q); once its queue costs more than recomputing the prefix on an idle
@@ -89,6 +103,8 @@ _K_MIN, _K_MAX = 0.2, 20.0
 _MAX_OPEN = 200_000
 #: Decisions' worth of weight of the reuse estimate's prior (full reuse).
 _REUSE_PRIOR = 300
+#: What a seeding request's placement charge measures a pod's long-run load by.
+_PLACEMENT_LOADS = ("inflight", "wait")
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +198,7 @@ class PredictedTTFTScorer(DetailedScorer, LearningPlugin):
         "podRidge": float,
         "workWeight": float,
         "loadHorizonS": float,
+        "placementLoad": str,
     }
 
     def __init__(self, name: str, params: dict[str, Any], env: PluginEnv) -> None:
@@ -218,6 +235,13 @@ class PredictedTTFTScorer(DetailedScorer, LearningPlugin):
         self.load_horizon_s = 30.0 if horizon is None else float(horizon)
         if self.load_horizon_s < 0:
             raise ParameterError("predicted-ttft-scorer loadHorizonS must be >= 0")
+        placement = params.get("placementLoad") or "inflight"
+        if placement not in _PLACEMENT_LOADS:
+            raise ParameterError(
+                f"predicted-ttft-scorer placementLoad {placement!r} is unknown (known: "
+                f"{', '.join(_PLACEMENT_LOADS)})"
+            )
+        self.placement_load = placement
         pod_ridge = params.get("podRidge")
         self.pod_ridge = 1.0 if pod_ridge is None else float(pod_ridge)
         if not 0.0 < self.decay <= 1.0 or self.ridge < 0 or self.pod_ridge < 0:
@@ -244,6 +268,8 @@ class PredictedTTFTScorer(DetailedScorer, LearningPlugin):
         self._typical: dict[str, tuple[float, float]] = {}
         #: Token-weighted share of prompts the picked pods held (EW sums: cached, prompt).
         self._reuse = [0.0, 0.0]
+        #: Per pod: (time-averaged requests in flight, when last sampled).
+        self._held: dict[str, tuple[float, float]] = {}
 
     # ------------------------------------------------------------------ prediction
     def fit(self, endpoint: str) -> _Fit:
@@ -323,14 +349,15 @@ class PredictedTTFTScorer(DetailedScorer, LearningPlugin):
     def _charge_placement(
         self, ctx: SchedulingContext, pods: Sequence[Pod], parts: list[dict[str, float]]
     ) -> None:
-        """Charge a request that seeds a prefix with the pod's time-averaged wait.
+        """Charge a request that seeds a prefix with the pod's long-run load (`placementLoad`).
 
         A request that misses places its prefix where it lands, and the requests that share
         the prefix later follow it there, so the pod's long-run load matters more for it than
         the queue of this instant (which is empty on most pods most of the time, so a cold
         request alone would go to whichever pod happens to be idle and groups pile up
-        unevenly). Each pod's wait (queued prefill + decode interference, as predicted) is
-        sampled at every decision — arrivals see time averages — and averaged over
+        unevenly). With `placementLoad: inflight` see `_charge_by_inflight`. With `wait`, each
+        pod's wait (queued prefill + decode interference, as predicted) is sampled at every
+        decision — arrivals see time averages — and averaged over
         `loadHorizonS`; the charge is how much that average exceeds the least-loaded
         candidate's, times the share of the prompt the request seeds there (1 for a cold
         prompt, near 0 for a hit, so hits stay with their holder; 0 on an idle fleet), times
@@ -340,6 +367,9 @@ class PredictedTTFTScorer(DetailedScorer, LearningPlugin):
         now = ctx.now
         horizon = self.load_horizon_s
         prompt = max(1, ctx.prompt_tokens)
+        if self.placement_load == "inflight":
+            self._charge_by_inflight(pods, parts, now, self.reuse(), prompt)
+            return
         typical = []
         for p, d in zip(pods, parts, strict=True):
             sample = d["queued_prefill_s"] + d["decode_interference_s"]
@@ -351,12 +381,48 @@ class PredictedTTFTScorer(DetailedScorer, LearningPlugin):
                 value = w * prev[0] + (1.0 - w) * sample
             self._typical[p.endpoint] = (value, now)
             typical.append(value)
-        least = min(typical)
         reuse = self.reuse()
+        least = min(typical)
         for d, value in zip(parts, typical, strict=True):
             seed = min(1.0, d["uncached_tokens"] / prompt)
             d["typical_wait_s"] = value
             d["placement_s"] = reuse * seed * (value - least)
+            d["routing_cost_s"] += d["placement_s"]
+
+    def _charge_by_inflight(
+        self,
+        pods: Sequence[Pod],
+        parts: list[dict[str, float]],
+        now: float,
+        reuse: float,
+        prompt: int,
+    ) -> None:
+        """Placement charge from each pod's requests in flight, averaged over the horizon.
+
+        By Little's law that average is the rate of requests the pod's prefixes draw times
+        how long each stays, so a pod whose sessions run long or whose service is slow counts
+        as loaded even while its instant queue is empty, and a closed-loop session on a slow
+        pod (which asks less often) is not mistaken for light load.
+        """
+        horizon = self.load_horizon_s
+        loads = []
+        for p in pods:
+            sample = float(p.inflight_requests)
+            prev = self._held.get(p.endpoint)
+            if prev is None:
+                value = sample
+            else:
+                w = math.exp(-max(0.0, now - prev[1]) / horizon)
+                value = w * prev[0] + (1.0 - w) * sample
+            self._held[p.endpoint] = (value, now)
+            loads.append(value)
+        mean = sum(loads) / len(loads)
+        least = min(loads)
+        for d, load in zip(parts, loads, strict=True):
+            seed = min(1.0, d["uncached_tokens"] / prompt)
+            excess = (load - least) / mean if mean > 0 else 0.0
+            d["inflight_share"] = load / mean if mean > 0 else 1.0
+            d["placement_s"] = reuse * seed * excess * d["own_prefill_s"]
             d["routing_cost_s"] += d["placement_s"]
 
     def reuse(self) -> float:

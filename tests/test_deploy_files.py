@@ -8,6 +8,7 @@ server uses. Envoy bootstraps are also checked by `envoy --mode validate` when e
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import re
@@ -55,6 +56,7 @@ def by_kind(directory: str) -> dict[str, list[dict[str, Any]]]:
 
 K8S = by_kind("kubernetes")
 ISTIO = by_kind("istio")
+PLAIN_ISTIO = by_kind("istio/plain-istio")
 
 
 def one(kinds: dict[str, list[dict[str, Any]]], kind: str) -> dict[str, Any]:
@@ -120,10 +122,10 @@ def test_config_map_is_a_valid_router_config_at_the_path_serve_reads() -> None:
     args, container = picker_args()
     spec = one(K8S, "Deployment")["spec"]["template"]["spec"]
     cm = one(K8S, "ConfigMap")
-    (volume,) = spec["volumes"]
+    (volume,) = [v for v in spec["volumes"] if "configMap" in v]
     assert volume["configMap"]["name"] == cm["metadata"]["name"]
-    (mount,) = container["volumeMounts"]
-    assert mount["name"] == volume["name"]
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
+    assert mount["readOnly"] is True
     key = Path(str(args.config)).relative_to(mount["mountPath"]).as_posix()
     config = parse_config(cm["data"][key])
     assert config.profiles
@@ -157,9 +159,11 @@ def test_inference_pool_points_at_the_picker_service_and_the_discovered_pods() -
     ref = pool["spec"]["endpointPickerRef"]
     assert ref["name"] == one(K8S, "Service")["metadata"]["name"]
     assert ref["port"]["number"] == GRPC_PORT
-    key, value = args.pool_selector.split("=")
-    assert pool["spec"]["selector"]["matchLabels"] == {key: value}
-    assert [p["number"] for p in pool["spec"]["targetPorts"]] == [args.pool_target_port]
+    # The picker is started as GAIE's EPP is: with the pool's name; selector and ports come
+    # from the pool (router/discovery/inference_pool.py).
+    assert args.pool_name == pool["metadata"]["name"]
+    assert args.pool_selector is None and args.pool_target_port is None
+    assert pool["spec"]["targetPorts"] and pool["spec"]["selector"]["matchLabels"]
     route = one(ISTIO, "HTTPRoute")
     (backend,) = route["spec"]["rules"][0]["backendRefs"]
     assert (backend["kind"], backend["name"]) == ("InferencePool", pool["metadata"]["name"])
@@ -168,7 +172,7 @@ def test_inference_pool_points_at_the_picker_service_and_the_discovered_pods() -
 
 
 def test_envoy_filter_matches_the_shipped_full_duplex_bootstrap() -> None:
-    ef = one(ISTIO, "EnvoyFilter")
+    ef = one(PLAIN_ISTIO, "EnvoyFilter")
     patches = {p["applyTo"]: p["patch"]["value"] for p in ef["spec"]["configPatches"]}
     ext_proc = patches["HTTP_FILTER"]["typed_config"]
     service = one(K8S, "Service")["metadata"]["name"]
@@ -180,9 +184,15 @@ def test_envoy_filter_matches_the_shipped_full_duplex_bootstrap() -> None:
     for key in ("processing_mode", "failure_mode_allow", "status_on_error", "message_timeout"):
         assert ext_proc[key] == shipped[key], key
     (hcm_patch,) = [p for p in ef["spec"]["configPatches"] if p["applyTo"] == "NETWORK_FILTER"]
+    vs = one(PLAIN_ISTIO, "VirtualService")
+    (route,) = [h for h in vs["spec"]["http"] if "route" in h]
+    paths = {m["uri"]["exact"] for m in route["match"]}
+    assert paths == {"/v1/completions", "/v1/chat/completions", "/v1/models"}
     mappers = hcm_patch["patch"]["value"]["typed_config"]["local_reply_config"]["mappers"]
     boot_hcm = boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
-    assert mappers[0] == boot_hcm["typed_config"]["local_reply_config"]["mappers"][0]
+    # Each mapper the filter installs is one the shipped bootstrap has (same JSON bodies).
+    shipped_mappers = boot_hcm["typed_config"]["local_reply_config"]["mappers"]
+    assert mappers and all(m in shipped_mappers for m in mappers)
     cluster = patches["CLUSTER"]
     assert cluster["original_dst_lb_config"]["http_header_name"] == DESTINATION_HEADER
     assert patches["HTTP_ROUTE"]["route"]["cluster"] == cluster["name"]
@@ -273,3 +283,214 @@ def test_grafana_dashboard_queries_only_metrics_the_picker_exports() -> None:
     exported = {m.name for m in metrics.registry.collect()}
     assert used <= exported, used - exported
     assert len(dash["panels"]) >= 10
+
+
+# --- GAIE's dashboard against a running picker ----------------------------------------------
+
+GAIE_QUERIES = json.loads(
+    (ROOT / "tests" / "deploy_schemas" / "gaie-dashboard-queries.json").read_text()
+)
+GAIE_MODEL = "m"
+
+
+async def _one_request(grpc_port: int, model: str) -> None:
+    """One chat completion through the picker as Envoy drives it (full duplex both ways),
+    answered with a JSON body carrying usage."""
+    import grpc
+    from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
+    from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+
+    from tests.extproc.extproc_client import (
+        body_msg,
+        headers_msg,
+        post_headers,
+        response_body_msg,
+        response_headers_msg,
+    )
+
+    full_duplex = ProcessingMode.FULL_DUPLEX_STREAMED
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "hi " * 30}]})
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as ch:
+        call = pb_grpc.ExternalProcessorStub(ch).Process()
+        await call.write(headers_msg(post_headers(), mode=full_duplex, response_mode=full_duplex))
+        await call.write(body_msg(body.encode(), True))
+        first = await call.read()
+        if first.WhichOneof("response") == "immediate_response":
+            call.cancel()
+            return
+        await call.read()
+        await call.write(response_headers_msg(200, "application/json"))
+        await call.read()
+        usage = {"prompt_tokens": 31, "completion_tokens": 4, "total_tokens": 35}
+        answer = {"choices": [{"message": {"content": "ok"}}], "usage": usage}
+        await call.write(response_body_msg(json.dumps(answer).encode(), True))
+        await call.read()
+        await call.done_writing()
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await call.read()
+
+
+@contextlib.asynccontextmanager
+async def _running_picker(pods_list_models: bool = True) -> Any:
+    """`kvroute serve`'s PickerServer on free loopback ports, over one emulated vLLM pod.
+    With `pods_list_models` False the pod lists no models, as under Kubernetes discovery, and
+    the model is declared as `kvroute serve --served-model m` does."""
+    from envoy_extproc.server import PickerServer
+    from envoy_extproc.settings import ExtProcSettings
+    from router.emulator.server import EmulatorPod
+    from router.emulator.settings import EmulatorSettings
+
+    pod_settings = EmulatorSettings(port=0, speedup=50.0, num_gpu_blocks=4096, model=GAIE_MODEL)
+    async with EmulatorPod(pod_settings) as pod:
+        models = f", models: [{GAIE_MODEL}]" if pods_list_models else ""
+        config = parse_config(f"pods:\n  - {{endpoint: '{pod.endpoint}'{models}}}\n")
+        settings = ExtProcSettings(host="127.0.0.1", grpc_port=0, health_port=0, metrics_port=0)
+        declared = () if pods_list_models else (GAIE_MODEL,)
+        async with PickerServer(config, settings, served_models=declared) as server:
+            yield server
+
+
+async def _scrape(server: Any) -> dict[str, list[Any]]:
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with httpx.AsyncClient() as c:
+        page = (await c.get(f"http://127.0.0.1:{server.ports.metrics}/metrics")).text
+    samples: dict[str, list[Any]] = {}
+    for family in text_string_to_metric_families(page):
+        for s in family.samples:
+            samples.setdefault(s.name, []).append(s)
+    return samples
+
+
+async def test_gaie_dashboard_queries_find_series_after_one_request() -> None:
+    async with _running_picker() as server:
+        await _one_request(server.ports.grpc, GAIE_MODEL)
+        await _one_request(server.ports.grpc, "no-such-model")  # an error series too
+        samples = await _scrape(server)
+    unsupported = set(GAIE_QUERIES["unsupported"])
+    for q in GAIE_QUERIES["queries"]:
+        assert q["series"] in q["expr"], q  # the vendored name is the one the query reads
+        if q["series"] in unsupported:
+            assert q["series"] not in samples
+            continue
+        found = samples.get(q["series"], [])
+        assert found, f"{q['panel']}: no {q['series']} series"
+        assert any(set(q["by"]) <= set(s.labels) for s in found), (q, found[0].labels)
+    # GAIE's values are kvroute's values.
+    ok = samples["inference_objective_request_total"]
+    assert {(s.labels["model_name"], s.value) for s in ok if s.labels["model_name"] == "m"} == {
+        ("m", 1.0)
+    }
+    kv_ok = samples["kvroute_requests_total"]
+    assert sum(s.value for s in kv_ok if s.labels["model"] == "m") == 1.0
+    # The response body passed through the picker (full duplex): its length is counted.
+    (sizes,) = [
+        s
+        for s in samples["inference_objective_response_sizes_count"]
+        if s.labels["model_name"] == "m"
+    ]
+    assert sizes.value == 1.0
+    (pool,) = samples["inference_pool_ready_pods"]
+    assert (pool.labels, pool.value) == ({"name": "kvroute"}, 1.0)
+
+
+@pytest.mark.parametrize("pods_list_models", [True, False], ids=["listed", "discovered"])
+async def test_random_model_names_mint_no_label_values(pods_list_models: bool) -> None:
+    """Listed: the random models are refused (no pod serves them). Discovered: pods list no
+    models, so the picker routes them, and they complete: every family still says `other`."""
+    import random
+
+    rng = random.Random(7)
+    names = ["".join(rng.choices("abcdefghij", k=12)) for _ in range(5)]
+    async with _running_picker(pods_list_models) as server:
+        await _one_request(server.ports.grpc, GAIE_MODEL)
+        for name in names:
+            await _one_request(server.ports.grpc, name)
+        samples = await _scrape(server)
+    seen: set[str] = set()
+    for name, group in samples.items():
+        if name.startswith(("kvroute_", "inference_")):
+            for s in group:
+                for label in ("model", "model_name", "target_model_name"):
+                    if label in s.labels:
+                        seen.add(s.labels[label])
+    assert seen <= {GAIE_MODEL, "other", "-"}, seen
+    assert "other" in seen  # the random names were counted, under one value
+    assert not seen & set(names)
+    if not pods_list_models:  # routed and completed, under `other`
+        done = samples["inference_objective_request_total"]
+        assert {s.labels["model_name"]: s.value for s in done} == {GAIE_MODEL: 1.0, "other": 5.0}
+        assert any(
+            s.labels.get("model") == "other"
+            for s in samples["kvroute_time_to_first_token_seconds_count"]
+        )
+
+
+# --- the hardened pod -----------------------------------------------------------------------
+
+
+def test_picker_pod_runs_under_the_restricted_pod_security_standard() -> None:
+    """What PSA `restricted` requires, plus a read-only root with a writable /tmp."""
+    pod = one(K8S, "Deployment")["spec"]["template"]["spec"]
+    _, container = picker_args()
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] != 0
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    sc = container["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    writable = {m["mountPath"] for m in container["volumeMounts"] if not m.get("readOnly")}
+    empty_dirs = {v["name"] for v in pod["volumes"] if "emptyDir" in v}
+    assert writable == {"/tmp"}
+    assert {m["name"] for m in container["volumeMounts"] if m["mountPath"] == "/tmp"} <= empty_dirs
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["HOME"] == "/tmp" and env["TMPDIR"] == "/tmp"
+    # The image's user is the pod's user, so files it ships are readable.
+    image_user = re.search(r"^USER (\d+)", (ROOT / "Dockerfile").read_text(), re.M)
+    assert image_user and int(image_user.group(1)) == pod["securityContext"]["runAsUser"]
+    assert container["image"].startswith("REGISTRY/")  # the documented placeholder
+
+
+def test_two_replicas_with_a_disruption_budget_and_shared_state_documented() -> None:
+    dep = one(K8S, "Deployment")
+    pdb = one(K8S, "PodDisruptionBudget")
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert dep["spec"]["replicas"] == 2
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert 1 <= pdb["spec"]["minAvailable"] < dep["spec"]["replicas"]
+    assert dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    cm_text = (CONFIGS / "kubernetes" / "configmap.yaml").read_text()
+    commented = "\n".join(
+        line.strip().removeprefix("# ") for line in cm_text.splitlines() if "#" in line
+    )
+    block = commented[commented.index("shared_state:") :]
+    shared = yaml.safe_load("\n".join(block.splitlines()[:4]))["shared_state"]
+    from router.shared_state.settings import SharedStateSettings
+
+    assert set(shared) <= {f.name for f in dataclasses.fields(SharedStateSettings)}
+
+
+def test_prometheus_finds_the_metrics_port_by_annotation_and_service_monitor() -> None:
+    dep = one(K8S, "Deployment")
+    notes = dep["spec"]["template"]["metadata"]["annotations"]
+    assert notes["prometheus.io/scrape"] == "true"
+    assert int(notes["prometheus.io/port"]) == METRICS_PORT
+    assert notes["prometheus.io/path"] == "/metrics"
+    (sm,) = by_kind("kubernetes/prometheus-operator")["ServiceMonitor"]
+    svc = one(K8S, "Service")
+    assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+    (endpoint,) = sm["spec"]["endpoints"]
+    (port,) = [p for p in svc["spec"]["ports"] if p["name"] == endpoint["port"]]
+    assert port["targetPort"] == METRICS_PORT and endpoint["path"] == "/metrics"
+
+
+def test_pre_stop_and_lame_duck_match_the_picker_defaults() -> None:
+    """The manifest's --lame-duck/--grace-period are the picker's own defaults, so running
+    the image without them shuts down the same way."""
+    from envoy_extproc.settings import ExtProcSettings
+
+    args, _ = picker_args()
+    assert args.lame_duck == ExtProcSettings().lame_duck_s
+    assert args.grace_period == ExtProcSettings().grace_period_s

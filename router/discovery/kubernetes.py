@@ -5,7 +5,10 @@ from a pod object to a `Pod`: endpoint `podIP:target_port`, role from a label (l
 `llm-d.ai/role: prefill|decode|both`, absent = both), labels copied. Only ready pods are in the
 registry: phase Running, a pod IP, condition Ready=True and not terminating (this is what an
 InferencePool's endpoint picker considers). A pod that stops being ready leaves the registry
-(taking its index entries) and comes back when ready again.
+(taking its index entries) and comes back when ready again. With several `target_ports` (an
+InferencePool's `targetPorts`) each ready pod is one endpoint per port. With `pool_name` the
+selector and ports come from that InferencePool and follow its edits (`inference_pool.py`
+calls `retarget`).
 
 Protocol: list (remember `metadata.resourceVersion`), then watch from it with bookmarks; each
 event updates the last seen resourceVersion. A watch that ends (server timeout, dropped
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -39,6 +43,13 @@ class KubernetesDiscoverySettings:
     label_selector: str = ""
     #: The pool's target port: pods are reached at podIP:target_port.
     target_port: int = 8000
+    #: All of an InferencePool's `targetPorts` (up to 8); when set, each ready pod is one
+    #: endpoint per port and `target_port` is ignored. Port i's KV events are expected on
+    #: `kv_events_port + i` (a data-parallel vLLM offsets its publisher port by rank).
+    target_ports: tuple[int, ...] = ()
+    #: Read selector and ports from this InferencePool (`inference_pool.py`) instead of
+    #: `label_selector`/`target_port`, and follow its changes.
+    pool_name: str | None = None
     role_label: str = "llm-d.ai/role"
     #: When pods bind their KV-event PUB (and replay ROUTER) on a fixed port, connect to it.
     kv_events_port: int | None = None
@@ -61,6 +72,16 @@ class KubernetesDiscoverySettings:
             port = getattr(self, name)
             if port is not None and not 1 <= port <= 65535:
                 raise ValueError(f"kubernetes discovery {name} must be in 1..65535, got {port}")
+        for port in self.target_ports:
+            if not 1 <= port <= 65535:
+                raise ValueError(
+                    f"kubernetes discovery target port must be in 1..65535, got {port}"
+                )
+        if len(self.target_ports) > 8 or len(set(self.target_ports)) != len(self.target_ports):
+            raise ValueError(
+                f"kubernetes discovery target_ports must be at most 8 distinct ports, "
+                f"got {list(self.target_ports)}"
+            )
         if not self.namespace:
             raise ValueError("kubernetes discovery namespace must not be empty")
         if self.watch_timeout_s < 1:
@@ -100,9 +121,18 @@ def pod_is_ready(obj: dict[str, Any]) -> bool:
 
 
 def pod_from_object(obj: dict[str, Any], settings: KubernetesDiscoverySettings) -> Pod | None:
-    """The Pod for a ready pod object, None for one that is not ready; PodObjectError if bad."""
+    """The Pod for a ready pod object, None for one that is not ready; PodObjectError if bad.
+
+    With several `target_ports` this is the first port's endpoint; see `pods_from_object`."""
+    pods = pods_from_object(obj, settings)
+    return pods[0] if pods else None
+
+
+def pods_from_object(obj: dict[str, Any], settings: KubernetesDiscoverySettings) -> list[Pod]:
+    """One Pod per target port for a ready pod object, [] for one not ready; PodObjectError
+    if bad."""
     if not pod_is_ready(obj):
-        return None
+        return []
     meta = obj.get("metadata") or {}
     labels = dict(meta.get("labels") or {})
     role_value = labels.get(settings.role_label, Role.BOTH.value)
@@ -115,17 +145,17 @@ def pod_from_object(obj: dict[str, Any], settings: KubernetesDiscoverySettings) 
         ) from None
     ip = obj["status"]["podIP"]
     host = f"[{ip}]" if ":" in ip else ip
-    return Pod(
-        endpoint=f"{host}:{settings.target_port}",
-        role=role,
-        labels=labels,
-        kv_events_endpoint=(
-            f"tcp://{host}:{settings.kv_events_port}" if settings.kv_events_port else None
-        ),
-        kv_replay_endpoint=(
-            f"tcp://{host}:{settings.kv_replay_port}" if settings.kv_replay_port else None
-        ),
-    )
+    ev, rp = settings.kv_events_port, settings.kv_replay_port
+    return [
+        Pod(
+            endpoint=f"{host}:{port}",
+            role=role,
+            labels=labels,
+            kv_events_endpoint=f"tcp://{host}:{ev + i}" if ev else None,
+            kv_replay_endpoint=f"tcp://{host}:{rp + i}" if rp else None,
+        )
+        for i, port in enumerate(settings.target_ports or (settings.target_port,))
+    ]
 
 
 async def api_client_from_settings(settings: KubernetesDiscoverySettings) -> client.ApiClient:
@@ -177,19 +207,47 @@ class KubernetesDiscovery:
         self._api_client = api_client
         self._owns_client = api_client is None
         self._resource_version: str | None = None
-        # namespace/name → Pod of each ready pod; endpoint → identity of what the registry holds.
-        self._ready: dict[str, Pod] = {}
+        # namespace/name → Pods (one a port) of each ready pod; endpoint → identity of what
+        # the registry holds.
+        self._ready: dict[str, list[Pod]] = {}
         self._applied: dict[str, tuple[object, ...]] = {}
         self._rejected: set[str] = set()
         self._task: asyncio.Task[None] | None = None
+        self._pool: Any = None  # InferencePoolFollower when settings.pool_name is set
 
     async def start(self) -> None:
         if self._api_client is None:
             self._api_client = await api_client_from_settings(self.settings)
-        if self._task is None:
+        if self.settings.pool_name:
+            if self._pool is None:
+                from router.discovery.inference_pool import InferencePoolFollower
+
+                self._pool = InferencePoolFollower(self, self._api_client)
+                self._pool.start()
+        elif self._task is None:
             self._task = asyncio.create_task(self._run(), name="kubernetes-discovery")
 
+    async def retarget(self, label_selector: str, target_ports: tuple[int, ...]) -> None:
+        """Follow a new selector/port set (the InferencePool changed): list again and replace
+        the registry's pods with those the new selector and ports give."""
+        await self._stop_pods()
+        self.settings = dataclasses.replace(
+            self.settings, label_selector=label_selector, target_ports=target_ports
+        )
+        self._resource_version = None
+        self._task = asyncio.create_task(self._run(), name="kubernetes-discovery")
+
+    async def _stop_pods(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
     async def stop(self) -> None:
+        if self._pool is not None:
+            await self._pool.stop()
+            self._pool = None
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -250,11 +308,11 @@ class KubernetesDiscovery:
             body = await resp.json()
         finally:
             resp.release()
-        ready: dict[str, Pod] = {}
+        ready: dict[str, list[Pod]] = {}
         for obj in body.get("items") or ():
-            key, pod = self._convert(obj)
-            if pod is not None:
-                ready[key] = pod
+            key, pods = self._convert(obj)
+            if pods:
+                ready[key] = pods
         self._ready = ready
         self._resource_version = str(body["metadata"]["resourceVersion"])
         self.stats.lists += 1
@@ -310,11 +368,11 @@ class KubernetesDiscovery:
             self.stats.bookmarks += 1
         elif kind in ("ADDED", "MODIFIED", "DELETED"):
             self.stats.watch_events += 1
-            key, pod = self._convert(obj)
-            if kind == "DELETED" or pod is None:
+            key, pods = self._convert(obj)
+            if kind == "DELETED" or not pods:
                 self._ready.pop(key, None)
             else:
-                self._ready[key] = pod
+                self._ready[key] = pods
             self._apply()
         else:
             self.stats.errors += 1
@@ -322,24 +380,24 @@ class KubernetesDiscovery:
         if rv:
             self._resource_version = str(rv)
 
-    def _convert(self, obj: dict[str, Any]) -> tuple[str, Pod | None]:
+    def _convert(self, obj: dict[str, Any]) -> tuple[str, list[Pod]]:
         meta = obj.get("metadata") or {}
         key = f"{meta.get('namespace', self.settings.namespace)}/{meta.get('name')}"
         try:
-            pod = pod_from_object(obj, self.settings)
+            pods = pods_from_object(obj, self.settings)
         except (PodObjectError, KeyError, TypeError, AttributeError) as exc:
             self.stats.rejected_pods += 1
             if key not in self._rejected:
                 self._rejected.add(key)
                 log.warning("kubernetes discovery: ignoring pod: %s", exc)
-            return key, None
+            return key, []
         self._rejected.discard(key)
-        return key, pod
+        return key, pods
 
     def _desired(self) -> dict[str, Pod]:
         # Two pod objects can share an IP (a replacement scheduled before the old one's DELETED
         # event arrives); the endpoint is what the router routes to, so one entry wins.
-        return {pod.endpoint: pod for pod in self._ready.values()}
+        return {pod.endpoint: pod for pods in self._ready.values() for pod in pods}
 
     def _apply(self) -> None:
         desired = self._desired()

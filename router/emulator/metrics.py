@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from router.emulator.driver import DriverObserver, Generation
+from router.emulator.exposition import CounterFamily, HistogramFamily, MetricsText
 from router.sim.engine import Engine, EngineConfig, EngineMetrics, FinishedRequest
 
 TTFT_BUCKETS = (
@@ -124,7 +125,7 @@ class PodMetrics(DriverObserver):
         old_names: bool = False,
         waiting_extra: Callable[[], int] = lambda: 0,
     ) -> None:
-        self.registry = CollectorRegistry(auto_describe=False)
+        self.text = MetricsText()
         self._engine = engine
         self._model = model
         self._max_loras = max_loras
@@ -137,12 +138,19 @@ class PodMetrics(DriverObserver):
         self.cached_by_source = dict.fromkeys(CACHED_SOURCES, 0)
         self.external_queries = 0
         self.external_hits = 0
-        self.registry.register(_EngineCollector(self))
+        self.text.add(_EngineCollector(self))
         labels = (model, "0")
-        reg = self.registry
+        reg = self.text
 
-        def hist(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
-            return Histogram(name, doc, LABELS, registry=reg, buckets=buckets).labels(*labels)
+        def hist(name: str, doc: str, buckets: tuple[float, ...]) -> Any:
+            family = HistogramFamily(name, doc, LABELS, buckets)
+            reg.add(family)
+            return family.labels(*labels)
+
+        def counter(name: str, doc: str, labelnames: tuple[str, ...] = ()) -> CounterFamily:
+            family = CounterFamily(name, doc, labelnames)
+            reg.add(family)
+            return family
 
         self.ttft = hist(
             "vllm:time_to_first_token_seconds",
@@ -174,11 +182,10 @@ class PodMetrics(DriverObserver):
             "Histogram of time spent in WAITING phase for request.",
             REQUEST_LATENCY_BUCKETS,
         )
-        self.success = Counter(
+        self.success = counter(
             "vllm:request_success",
             "Count of successfully processed requests.",
             (*LABELS, "finished_reason"),
-            registry=reg,
         )
         for reason in FINISHED_REASONS:
             self.success.labels(model, "0", reason)
@@ -233,31 +240,29 @@ class PodMetrics(DriverObserver):
             "Histogram of new KV tokens computed during prefill (excluding cached tokens).",
             TOKEN_BUCKETS,
         )
-        self.remote_prefill_fallbacks = Counter(
+        self.remote_prefill_fallbacks = counter(
             "kvroute_emulator_remote_prefill_fallbacks",
             "Decode requests with kv_transfer_params served by local prefill, by reason.",
             ("reason",),
-            registry=reg,
         )
-        self.kv_pulls = Counter(
-            "kvroute_emulator_kv_pulls",
-            "Remote-prefill KV pulls that succeeded (decode role).",
-            registry=reg,
+        self.kv_pulls = counter(
+            "kvroute_emulator_kv_pulls", "Remote-prefill KV pulls that succeeded (decode role)."
         )
-        self.kv_pins_expired = Counter(
+        self.kv_pins_expired = counter(
             "kvroute_emulator_kv_pins_expired",
             "Prefill requests whose pinned blocks timed out before a decode pod pulled them.",
-            registry=reg,
         )
-        self.faults = Counter(
-            "kvroute_emulator_faults_injected", "Faults injected, by kind.", ("kind",), registry=reg
+        self.faults = counter(
+            "kvroute_emulator_faults_injected", "Faults injected, by kind.", ("kind",)
         )
-        self.step_lags = Histogram(
+        step_lags = HistogramFamily(
             "kvroute_emulator_step_lag_seconds",
             "Wall seconds the driver handed a step's tokens over after the step's end deadline.",
-            registry=reg,
-            buckets=STEP_LAG_BUCKETS,
+            (),
+            STEP_LAG_BUCKETS,
         )
+        reg.add(step_lags)
+        self.step_lags = step_lags.labels()
         self.lag_jumps: Callable[[], int] = lambda: 0
 
     # ------------------------------------------------------------ observer hooks
@@ -302,7 +307,7 @@ class PodMetrics(DriverObserver):
         self.step_lags.observe(lag_wall_s)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return self.text.render()
 
 
 class _EngineCollector:

@@ -26,6 +26,7 @@ from router.emulator.app import build_admin_app, build_api_app, build_side_app
 from router.emulator.runtime import PodRuntime
 from router.emulator.settings import EmulatorSettings
 from router.events.publisher import KVEventPublisher
+from router.gc_heap import freeze_startup_heap
 
 log = logging.getLogger(__name__)
 
@@ -276,6 +277,7 @@ async def _serve(settings: EmulatorSettings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await pod.start()
+    freeze_startup_heap()
     sys.stdout.write(json.dumps(pod.ready_info()) + "\n")
     sys.stdout.flush()
     try:

@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse, Response
 
 from router.config import RouterConfig
 from router.feeds import FleetFeeds
+from router.gc_heap import freeze_startup_heap
 from router.index import BlockIndex
 from router.pods import PodRegistry
 from router.proxy.errors import UpstreamFailure, error_headers, error_json
@@ -56,11 +57,15 @@ class ProxyApp:
         registry: PodRegistry | None = None,
         chat_template: ChatTemplate | None = None,
         config_path: str | Path | None = None,
+        freeze_heap: bool = False,
     ) -> None:
         """`config_path`: re-read its `pods:` when the file changes (static discovery).
         `chat_template`: renders chat prompts; default: the one beside the configured
-        tokenizer (as every face and the emulator find it), else a plain rendering."""
+        tokenizer (as every face and the emulator find it), else a plain rendering.
+        `freeze_heap`: once started, take what start-up loaded out of the garbage
+        collector's passes (`router.gc_heap`); for a process that is only this proxy."""
         self.config = config
+        self._freeze_heap = freeze_heap
         self.settings = settings or ProxySettings()
         self.metrics = ProxyMetrics()
         if chat_template is None:
@@ -70,6 +75,9 @@ class ProxyApp:
         self.metrics.registry.register(self.feeds)  # per-pod KV-event feed gauges
         self.registry = self.feeds.registry
         self.scheduler = Scheduler(config, self.registry, precise_index=self.feeds.precise_index)
+        self.shared_state = _shared_state(config, self.scheduler)
+        if self.shared_state is not None:
+            self.metrics.watch_shared_state(self.shared_state)
         self.forwarder: Forwarder | None = None
         self.upstream: Upstream | None = None
         self.prober: HealthProber | None = None
@@ -123,6 +131,8 @@ class ProxyApp:
         self.prober = HealthProber(self.registry, self.upstream, self.settings, self.metrics)
         self.prober.start()
         await self.feeds.start()
+        if self.shared_state is not None:
+            await self.shared_state.start()
         adapters = frozenset().union(*(p.adapters for p in self.registry.all()))
         self.forwarder = Forwarder(
             self.scheduler,
@@ -133,11 +143,15 @@ class ProxyApp:
             self.chat_template,
             adapters,
         )
+        if self._freeze_heap:
+            freeze_startup_heap()
 
     async def stop(self) -> None:
         if self.forwarder is not None:
             self.forwarder.tokenize.close()
         self.forwarder = None
+        if self.shared_state is not None:
+            await self.shared_state.stop()
         await self.feeds.stop()
         if self.prober is not None:
             await self.prober.stop()
@@ -272,6 +286,15 @@ class ProxyApp:
         return data if isinstance(data, list) else []
 
 
+def _shared_state(config: RouterConfig, scheduler: Scheduler) -> Any:
+    """The `RedisSync` of the config's `shared_state:` section, or None without one."""
+    if config.shared_state is None:
+        return None
+    from router.shared_state.redis_sync import RedisSync
+
+    return RedisSync(scheduler, config.shared_state)
+
+
 def _error_response(err: RequestError) -> Response:
     """An error of the control endpoints, in the same vLLM shape as the forwarded ones."""
     headers = {k.decode(): v.decode() for k, v in error_headers(err, 1) if k != b"content-type"}
@@ -300,8 +323,17 @@ def uvicorn_config(app: Any, host: str, port: int, access_log: bool = False) -> 
     )
 
 
-async def serve(app: Any, host: str, port: int, access_log: bool = False) -> None:
+async def serve(
+    app: Any,
+    host: str,
+    port: int,
+    access_log: bool = False,
+    sockets: list[socket.socket] | None = None,
+) -> None:
     """Serve `app` until SIGTERM/SIGINT, then shut down gracefully and return.
+
+    `sockets`: already-listening sockets to accept from instead of binding host:port (the
+    workers of `kvroute proxy --workers N` share their supervisor's).
 
     uvicorn re-raises the signal it stopped for once it is done, under the handlers that were
     in place before it started; ours ignore it, so the process exits 0 after a clean stop.
@@ -310,7 +342,7 @@ async def serve(app: Any, host: str, port: int, access_log: bool = False) -> Non
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, _already_stopped)
     server = uvicorn.Server(uvicorn_config(app, host, port, access_log))
-    await server.serve()
+    await server.serve(sockets=sockets)
 
 
 def _already_stopped(_sig: int, _frame: Any) -> None:

@@ -176,6 +176,8 @@ class Forwarder:
     ) -> int:
         sched = self.scheduler
         await self.tokenize.prepare(req)
+        if req.tokenize_s is not None:
+            self.metrics.tokenize_seconds.observe(req.tokenize_s)
         t0 = time.perf_counter()
         try:
             decision = sched.schedule(req, self.settings.profile)

@@ -7,7 +7,11 @@ collide. Label children on the hot path are cached so a request costs dict looku
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from router.tokenize_worker import TOKENIZE_BUCKETS
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _SCHEDULE_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2)
@@ -93,6 +97,13 @@ class ProxyMetrics:
             buckets=_SCHEDULE_BUCKETS,
             registry=r,
         )
+        #: Named as in the picker (no proxy prefix): the same histogram in both faces.
+        self.tokenize_seconds = Histogram(
+            "kvroute_tokenize_duration_seconds",
+            "Time spent tokenizing and keying a prompt (not in the schedule time).",
+            buckets=TOKENIZE_BUCKETS,
+            registry=r,
+        )
         self._requests: dict[tuple[str, int], Counter] = {}
 
     def count_request(self, model: str, status: int) -> None:
@@ -101,6 +112,12 @@ class ProxyMetrics:
         if child is None:
             child = self._requests[key] = self.requests.labels(model, str(status))
         child.inc()
+
+    def watch_shared_state(self, sync: Any) -> None:
+        """Export `kvroute_shared_state_*` (up, lag, errors) of a `RedisSync`."""
+        from router.shared_state.metrics import SharedStateCollector
+
+        self.registry.register(SharedStateCollector(sync))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

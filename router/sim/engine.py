@@ -549,9 +549,18 @@ class Engine:
             w = self._sliding
             window_pairs = sum(ch * min(b + ch, w) for _, b, ch in chunks)
             window_read = min(self._dec_ctx, n_dec * w) + sum(min(b + ch, w) for _, b, ch in chunks)
+        # A chunk of one token (a pulled P/D request recomputing its last prompt token) keeps
+        # the batch uniform decode; anything longer makes it a mixed batch.
+        mixed = any(ch > 1 for _, _, ch in chunks)
         duration = (
             self.latency.step_time(
-                num_tokens, n_dec + len(completing), pairs, kv_read, window_pairs, window_read
+                num_tokens,
+                n_dec + len(completing),
+                pairs,
+                kv_read,
+                window_pairs,
+                window_read,
+                mixed,
             )
             + extra_time
         )

@@ -15,7 +15,12 @@ H100 kernels (`router.sim.calibration`, printed by `benchmarks/calibrate_latency
 - norms, rotary, activations: ``elementwise_passes`` hidden-sized reads+writes per token and layer;
 - logits: the lm_head GEMM for the rows that sample a token;
 - tensor parallelism: two all-reduces of M·hidden activations per layer over NVLink;
-- a constant per-step overhead (scheduler, sampling, launch).
+- chunked prefill: a step that carries a prefill chunk (a query of more than one token) is not
+  a uniform decode batch, so vLLM replays only piecewise CUDA graphs for it and runs attention
+  eagerly, ``mixed_batch_layer_latency_s`` per layer; a decode step that shares its batch with
+  a prefill chunk therefore pays the chunk's tokens in the GEMMs and attention *and* this;
+- a constant per-step overhead of the engine (``step_overhead_s``: scheduling, input
+  preparation, sampling, the GPU→CPU sync of the sampled tokens).
 
 The model does no I/O beyond reading a profile file and imports nothing from the faces.
 """
@@ -99,6 +104,8 @@ class Efficiency:
     elementwise_passes: float = 40.0
     allreduce_latency_s: float = 10e-6
     step_overhead_s: float = 0.5e-3
+    #: Per layer, extra time of a step that is not a uniform decode batch (see module doc).
+    mixed_batch_layer_latency_s: float = 13e-6
 
 
 @dataclass(frozen=True, slots=True)
@@ -372,21 +379,29 @@ class LatencyModel:
         kv_read_tokens: float = 0.0,
         window_pairs: float | None = None,
         window_read_tokens: float | None = None,
+        mixed: bool = False,
     ) -> float:
         """Seconds of one engine step.
 
         num_tokens: tokens in the batch (decode tokens + prefill chunk tokens);
         num_logits: rows that sample (decode requests + prefills that finish their prompt);
+        mixed: the batch holds a prefill chunk of more than one token (piecewise CUDA graphs);
         the rest: see `attention_time`.
         """
         if num_tokens <= 0:
             return 0.0
-        return (
+        t = (
             self.token_time(num_tokens)
             + self.attention_time(prefill_pairs, kv_read_tokens, window_pairs, window_read_tokens)
             + self.logits_time(num_logits)
             + self.profile.efficiency.step_overhead_s
         )
+        return t + self.mixed_batch_time() if mixed else t
+
+    def mixed_batch_time(self) -> float:
+        """What a step with a prefill chunk pays on top of its roofline: eager attention."""
+        e = self.profile.efficiency
+        return self.profile.model.layers * e.mixed_batch_layer_latency_s
 
     def prefill_time(self, new_tokens: int, cached_tokens: int = 0, logits: int = 1) -> float:
         """One request's prompt chunk in one step (an estimate; also used by calibration)."""
@@ -397,7 +412,7 @@ class LatencyModel:
         if sw:
             wp = new_tokens * min(ctx, sw)
             wr = min(ctx, sw)
-        return self.step_time(new_tokens, logits, pairs, ctx, wp, wr)
+        return self.step_time(new_tokens, logits, pairs, ctx, wp, wr, mixed=new_tokens > 1)
 
     def decode_step_time(self, batch: int, context: int) -> float:
         """A pure decode step of `batch` requests each attending `context` tokens."""

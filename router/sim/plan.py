@@ -12,6 +12,10 @@ those of its best point that meets the SLOs (the most tokens/s), or of its first
 none does (then `meets_slo` is false). Cost per million output tokens = GPUs ·
 `gpu_hour_usd` / 3600 / tokens/s · 1e6. The recommendation is the cheapest candidate that
 meets the SLOs; the Pareto front is the candidates no other beats on both cost and TTFT p95.
+With SLOs and a rising sweep, a candidate's points after its first SLO miss are not run (they
+could not be chosen), which keeps 16-GPU plans on long traces to minutes.
+`sensitivity` is the tornado behind `benchmarks/plan_sensitivity.py`: the P/D gain of one
+disaggregated fleet over one aggregated fleet with each engine constant scaled ±50%.
 """
 
 from __future__ import annotations
@@ -170,15 +174,22 @@ def evaluate(
     gpu_hour_usd: float,
     settings: SimSettings | None = None,
     progress: Callable[[str, str, int, int], None] | None = None,
+    stop_at_first_miss: bool = False,
 ) -> list[Candidate]:
     """Run every candidate at every load point (`points`: label, arrivals) and fill its
-    figures, cost, SLO attainment and Pareto flag."""
+    figures, cost, SLO attainment and Pareto flag.
+
+    `stop_at_first_miss`: the points come in rising load, so once a candidate misses the
+    SLOs its later points would miss them too and are not run (they could never be its
+    chosen point); its `points` then end at the first miss."""
     settings = settings or SimSettings()
     out = []
     for spec, gpus in candidates:
         fleet = parse_fleet(spec)
         cand = Candidate(spec, gpus, fleet.disaggregated)
         for label, workload in points:
+            if stop_at_first_miss and cand.points and not cand.points[-1].meets_slo:
+                break
             cb = None
             if progress is not None:
                 size = len(workload.arrivals)
@@ -237,3 +248,133 @@ def best_aggregated_margin(candidates: Sequence[Candidate]) -> float | None:
     if rec is None or agg is None or rec.chosen is None or agg.chosen is None:
         return None
     return (rec.chosen.tokens_per_s / rec.gpus) / (agg.chosen.tokens_per_s / agg.gpus)
+
+
+# ------------------------------------------------------------------ sensitivity (tornado)
+#: Constants the tornado varies, and where each lives: a profile's `efficiency` or `gpu`
+#: section, or the simulator's P/D KV link (`SimSettings`).
+SENSITIVITY_CONSTANTS: tuple[tuple[str, str], ...] = (
+    ("gemm_compute", "efficiency"),
+    ("gemm_memory", "efficiency"),
+    ("attention_compute", "efficiency"),
+    ("attention_memory", "efficiency"),
+    ("kernel_latency_s", "efficiency"),
+    ("attention_latency_s", "efficiency"),
+    ("elementwise_passes", "efficiency"),
+    ("allreduce_latency_s", "efficiency"),
+    ("step_overhead_s", "efficiency"),
+    ("mixed_batch_layer_latency_s", "efficiency"),
+    ("interconnect_bandwidth", "gpu"),
+    ("kv_link_latency_s", "link"),
+    ("kv_link_bandwidth_Bps", "link"),
+)
+#: Efficiency fractions of peak cannot pass 1: a +50% step is capped there.
+_FRACTIONS = ("gemm_compute", "gemm_memory", "attention_compute", "attention_memory")
+
+
+@dataclass(frozen=True, slots=True)
+class SensitivityRow:
+    """The P/D gain (tokens/s of the disaggregated fleet over the aggregated one, − 1) with
+    one constant scaled down and up, everything else at the profile's value."""
+
+    constant: str
+    base_value: float
+    low_value: float
+    high_value: float
+    gain_low: float
+    gain_high: float
+
+    @property
+    def swing(self) -> float:
+        return abs(self.gain_high - self.gain_low)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "constant": self.constant,
+            "base_value": self.base_value,
+            "low_value": self.low_value,
+            "high_value": self.high_value,
+            "gain_low": round_figure(self.gain_low),
+            "gain_high": round_figure(self.gain_high),
+            "swing": round_figure(self.swing),
+        }
+
+
+def scale_constant(
+    profile: Profile, settings: SimSettings, name: str, where: str, factor: float
+) -> tuple[Profile, SimSettings, float]:
+    """`profile` and `settings` with one constant multiplied by `factor` (fractions of peak
+    capped at 1); returns them and the value used."""
+    if where == "link":
+        value = getattr(settings, name) * factor
+        return profile, dataclasses.replace(settings, **{name: value}), value
+    if where == "efficiency":
+        value = getattr(profile.efficiency, name) * factor
+        if name in _FRACTIONS:
+            value = min(value, 1.0)
+        eff = dataclasses.replace(profile.efficiency, **{name: value})
+        return dataclasses.replace(profile, efficiency=eff), settings, value
+    if where == "gpu":
+        value = getattr(profile.gpu, name) * factor
+        gpu = dataclasses.replace(profile.gpu, **{name: value})
+        return dataclasses.replace(profile, gpu=gpu), settings, value
+    raise PlanError(f"sensitivity: unknown place {where!r} for {name} (efficiency, gpu, link)")
+
+
+def sensitivity(
+    aggregated: str,
+    disaggregated: str,
+    workload: Workload,
+    profile: Profile,
+    settings: SimSettings | None = None,
+    constants: Sequence[tuple[str, str]] = SENSITIVITY_CONSTANTS,
+    step: float = 0.5,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[dict[str, float], list[SensitivityRow]]:
+    """Tornado of the P/D gain: each constant × (1 − step) and × (1 + step).
+
+    Returns the baseline (`tokens_per_s` of both fleets, `gain`, `gain_per_gpu`) and one row
+    per constant, largest swing first (ties: the listed order). Runs that a constant cannot
+    change (the KV link on the aggregated fleet) are reused, not rerun."""
+    if not 0 < step < 1:
+        raise PlanError(f"sensitivity: the step must be between 0 and 1, got {step!r}")
+    settings = settings or SimSettings()
+    agg_fleet, pd_fleet = parse_fleet(aggregated), parse_fleet(disaggregated)
+    if agg_fleet.disaggregated or not pd_fleet.disaggregated:
+        raise PlanError(
+            f"sensitivity: need an aggregated and a disaggregated fleet, got {aggregated!r} "
+            f"and {disaggregated!r}"
+        )
+    runs: dict[tuple[str, Profile, SimSettings], float] = {}
+
+    def tps(spec: str, prof: Profile, sett: SimSettings) -> float:
+        fleet = agg_fleet if spec == aggregated else pd_fleet
+        key = (spec, prof, sett if fleet.disaggregated else settings)
+        if key not in runs:
+            if progress is not None:
+                progress(spec)
+            res = run_policies(workload, fleet, [PLAN_POLICY], prof, key[2])
+            runs[key] = res.policies[0].output_tokens_per_s
+        return runs[key]
+
+    def gain(prof: Profile, sett: SimSettings) -> float:
+        return tps(disaggregated, prof, sett) / tps(aggregated, prof, sett) - 1.0
+
+    base_agg = tps(aggregated, profile, settings)
+    base_pd = tps(disaggregated, profile, settings)
+    gpus_agg, gpus_pd = agg_fleet.gpus(profile.tp), pd_fleet.gpus(profile.tp)
+    base = {
+        "aggregated_tokens_per_s": base_agg,
+        "disaggregated_tokens_per_s": base_pd,
+        "gain": base_pd / base_agg - 1.0,
+        "gain_per_gpu": (base_pd / gpus_pd) / (base_agg / gpus_agg) - 1.0,
+    }
+    rows = []
+    for name, where in constants:
+        lo_p, lo_s, lo_v = scale_constant(profile, settings, name, where, 1.0 - step)
+        hi_p, hi_s, hi_v = scale_constant(profile, settings, name, where, 1.0 + step)
+        _, _, base_v = scale_constant(profile, settings, name, where, 1.0)
+        rows.append(SensitivityRow(name, base_v, lo_v, hi_v, gain(lo_p, lo_s), gain(hi_p, hi_s)))
+    order = {name: i for i, (name, _) in enumerate(constants)}
+    rows.sort(key=lambda r: (-r.swing, order[r.constant]))
+    return base, rows

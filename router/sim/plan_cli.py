@@ -14,6 +14,7 @@ Default: 1,024-token prompts with 256-token answers, a closed loop at concurrenc
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import sys
@@ -99,6 +100,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="progress bar on stderr (default: when stderr is a terminal)",
     )
     p.add_argument("--plot", metavar="DIR", help="write the Pareto chart PNG into DIR")
+    p.add_argument(
+        "--full-sweep",
+        action="store_true",
+        help=(
+            "run every load point of every candidate (default: with an SLO and a rising "
+            "sweep, a candidate's points after its first SLO miss are skipped)"
+        ),
+    )
     p.set_defaults(
         func=run_plan,
         pods=None,
@@ -138,6 +147,14 @@ def _label(w: Any, rate: float | None, speedup: float | None) -> str:
     return w.name
 
 
+def _rising(sweep: list[Any]) -> bool:
+    """Whether the load rises along the sweep (one source; concurrency, rate or speedup)."""
+    if len({pt.workload.name for pt in sweep}) > 1:
+        return False
+    loads = [pt.workload.concurrency or pt.rate_per_s or pt.speedup or 0 for pt in sweep]
+    return all(a < b for a, b in itertools.pairwise(loads))
+
+
 def run_plan(args: argparse.Namespace) -> int:
     progress: Progress | None = None
     try:
@@ -161,10 +178,8 @@ def run_plan(args: argparse.Namespace) -> int:
                 fleets.append((spec, parse_fleet(spec).gpus(profile.tp)))
         else:
             fleets = candidate_fleets(profile, args.gpus, args.gpus_max)
-        points = [
-            (_label(pt.workload, pt.rate_per_s, pt.speedup), pt.workload)
-            for pt in build_workloads(args, args.gpus)
-        ]
+        sweep = build_workloads(args, args.gpus)
+        points = [(_label(pt.workload, pt.rate_per_s, pt.speedup), pt.workload) for pt in sweep]
         slo = SLO(args.slo_ttft_p95, args.slo_tpot_p95)
         show = args.progress if args.progress is not None else sys.stderr.isatty()
         on_progress = None
@@ -178,7 +193,11 @@ def run_plan(args: argparse.Namespace) -> int:
                 progress.update("", done, size)
 
         settings = SimSettings(seed=args.seed, router_overhead_s=args.router_overhead_s)
-        cands = evaluate(fleets, points, profile, slo, args.gpu_hour_usd, settings, on_progress)
+        has_slo = args.slo_ttft_p95 is not None or args.slo_tpot_p95 is not None
+        early = has_slo and not args.full_sweep and _rising(sweep)
+        cands = evaluate(
+            fleets, points, profile, slo, args.gpu_hour_usd, settings, on_progress, early
+        )
     except (PlanError, ValueError, FleetSpecError, TraceError, OSError) as exc:
         if progress is not None:
             progress.close()

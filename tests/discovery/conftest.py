@@ -14,6 +14,11 @@ discovery uses, `GET /api/v1/namespaces/{ns}/pods`:
   carrying a `Status` with code 410 (reason Expired) when the version was compacted away;
 - bearer-token check (401 Status) when a token is configured.
 
+It also serves GAIE's `InferencePool` custom object, `GET /apis/inference.networking.k8s.io/v1/
+namespaces/{ns}/inferencepools`: list and watch (resume after `resourceVersion`, ADDED/MODIFIED/
+DELETED, `timeoutSeconds`), filtered by `fieldSelector=metadata.name=NAME`; with
+`crd_installed = False` it answers 404 NotFound as an API server without the CRD does.
+
 Mutations (`put_pod`, `set_ready`, `delete_pod`) bump a global resourceVersion like etcd does.
 `lose_events()` mimics a watch that missed events: mutations inside it reach history but no live
 watcher, then history is compacted and live watches are cut, so a resume gets 410.
@@ -147,6 +152,12 @@ class FakeKubeApi:
         self._silent = False
         self._runner: web.AppRunner | None = None
         self.url = ""
+        #: False: the InferencePool CRD is not installed (its path is a 404).
+        self.crd_installed = True
+        self.pool_requests: list[dict[str, str]] = []
+        self._pools: dict[tuple[str, str], dict[str, Any]] = {}
+        self._pool_history: list[_Change] = []
+        self._pool_watchers: set[asyncio.Queue[_Change | None]] = set()
 
     def watch_requests(self) -> list[dict[str, str]]:
         """Query parameters of every watch request received, oldest first."""
@@ -159,6 +170,10 @@ class FakeKubeApi:
     async def start(self) -> str:
         app = web.Application()
         app.router.add_get("/api/v1/namespaces/{namespace}/pods", self._pods_handler)
+        app.router.add_get(
+            "/apis/inference.networking.k8s.io/v1/namespaces/{namespace}/inferencepools",
+            self._pools_handler,
+        )
         self._runner = web.AppRunner(app, shutdown_timeout=0.5)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -232,6 +247,91 @@ class FakeKubeApi:
     def drop_watches(self) -> None:
         for w in list(self._watchers):
             w.queue.put_nowait(None)
+        for q in list(self._pool_watchers):
+            q.put_nowait(None)
+
+    # --- InferencePool custom objects -------------------------------------------------------
+    def put_pool(self, pool: dict[str, Any]) -> None:
+        """Create or replace an InferencePool (as `kubectl apply` would)."""
+        obj = copy.deepcopy(pool)
+        meta = obj.setdefault("metadata", {})
+        meta.setdefault("namespace", "default")
+        key = (meta["namespace"], meta["name"])
+        self._rv += 1
+        meta["resourceVersion"] = str(self._rv)
+        kind = "MODIFIED" if key in self._pools else "ADDED"
+        self._pools[key] = obj
+        self._pool_event(_Change(self._rv, kind, obj, None))
+
+    def delete_pool(self, name: str, namespace: str = "default") -> None:
+        obj = self._pools.pop((namespace, name))
+        self._rv += 1
+        self._pool_event(_Change(self._rv, "DELETED", obj, None))
+
+    def _pool_event(self, change: _Change) -> None:
+        self._pool_history.append(change)
+        for q in self._pool_watchers:
+            q.put_nowait(change)
+
+    async def _pools_handler(self, request: web.Request) -> web.StreamResponse:
+        q = request.query
+        namespace = request.match_info["namespace"]
+        self.pool_requests.append({"namespace": namespace, **q})
+        if not self.crd_installed:
+            return web.json_response(
+                self._status(404, "NotFound", "the server could not find the requested resource"),
+                status=404,
+            )
+        name = None
+        field_selector = q.get("fieldSelector", "")
+        if field_selector:
+            key, _, value = field_selector.partition("=")
+            if key != "metadata.name":
+                return web.json_response(
+                    self._status(400, "BadRequest", f"field label not supported: {key}"),
+                    status=400,
+                )
+            name = value
+
+        def wanted(obj: dict[str, Any]) -> bool:
+            meta = obj["metadata"]
+            return meta["namespace"] == namespace and name in (None, meta["name"])
+
+        if not parse_bool(q.get("watch")):
+            items = [copy.deepcopy(o) for _, o in sorted(self._pools.items()) if wanted(o)]
+            return web.json_response(
+                {
+                    "kind": "InferencePoolList",
+                    "apiVersion": "inference.networking.k8s.io/v1",
+                    "metadata": {"resourceVersion": str(self._rv)},
+                    "items": items,
+                }
+            )
+        resp = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        since = int(q.get("resourceVersion") or 0)
+        queue: asyncio.Queue[_Change | None] = asyncio.Queue()
+        for change in self._pool_history:
+            if change.rv > since:
+                queue.put_nowait(change)
+        self._pool_watchers.add(queue)
+        timeout = float(q["timeoutSeconds"]) if "timeoutSeconds" in q else None
+        try:
+            async with asyncio.timeout(timeout):
+                while (change := await queue.get()) is not None:
+                    if wanted(change.obj):
+                        line = json.dumps({"type": change.kind, "object": change.obj})
+                        await resp.write(line.encode() + b"\n")
+        except TimeoutError:
+            pass
+        except ConnectionResetError:
+            return resp
+        finally:
+            self._pool_watchers.discard(queue)
+        with contextlib.suppress(ConnectionResetError):
+            await resp.write_eof()
+        return resp
 
     def _commit(self, kind: str, obj: dict[str, Any], old: dict[str, Any] | None) -> None:
         self._rv += 1
@@ -364,6 +464,31 @@ class FakeKubeApi:
         with contextlib.suppress(ConnectionResetError):  # the client may already be gone
             await resp.write_eof()
         return resp
+
+
+def make_pool(
+    name: str,
+    match_labels: dict[str, str],
+    ports: list[int],
+    *,
+    namespace: str = "default",
+) -> dict[str, Any]:
+    """An `inference.networking.k8s.io/v1` InferencePool as GAIE's CRD defines it."""
+    return {
+        "apiVersion": "inference.networking.k8s.io/v1",
+        "kind": "InferencePool",
+        "metadata": {"name": name, "namespace": namespace, "uid": f"uid-pool-{name}"},
+        "spec": {
+            "selector": {"matchLabels": dict(match_labels)},
+            "targetPorts": [{"number": p} for p in ports],
+            "endpointPickerRef": {
+                "kind": "Service",
+                "name": "kvroute-epp",
+                "port": {"number": 9002},
+                "failureMode": "FailClose",
+            },
+        },
+    }
 
 
 @pytest.fixture

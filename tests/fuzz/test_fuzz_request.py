@@ -149,7 +149,8 @@ def check(raw: bytes | str, path: str, scheduler: Scheduler, template: ChatTempl
         return
     event("parsed")
     assert isinstance(req, RoutingRequest)
-    assert req.model == MODEL
+    # The body's own model string (usually MODEL; any other one is a 404 from the scheduler).
+    assert isinstance(req.model, str) and req.model
     req.prompt.encode("utf-8")  # the engine receives it as UTF-8: no lone surrogate left
     try:
         decision = scheduler.schedule(req)

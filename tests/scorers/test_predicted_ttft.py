@@ -79,8 +79,8 @@ def test_score_keeps_ratios_and_the_lowest_prediction_wins() -> None:
         x = details[ep]
         # Two pods of three have queued work: the recompute charge is 2/3 of workWeight (1).
         assert x["work_charge"] == pytest.approx(2 / 3)
-        # A cold prompt seeds its prefix: charged the pod's wait above the least-loaded one's.
-        assert x["placement_s"] == pytest.approx(x["typical_wait_s"] - details[C]["typical_wait_s"])
+        # A cold prompt seeds its prefix, but no pod has held requests yet: no placement charge.
+        assert x["placement_s"] == 0.0 and x["inflight_share"] == 1.0
         assert x["routing_cost_s"] == pytest.approx(
             x["predicted_ttft_s"] + 2 / 3 * x["own_prefill_s"] + x["placement_s"]
         )
@@ -195,10 +195,64 @@ def test_idle_fleet_costs_pure_predicted_ttft() -> None:
         assert x["work_charge"] == 0.0 and x["routing_cost_s"] == x["predicted_ttft_s"]
 
 
-def test_cold_prefixes_are_placed_by_long_run_load_and_hits_stay_with_their_holder() -> None:
-    """Pod A was busy for the last half minute but is idle right now: a cold prompt goes to
-    an idle pod that was not; a prompt A holds still goes to A."""
+def test_cold_groups_spread_evenly_by_the_load_they_draw() -> None:
+    """Twelve equally popular groups, each request in flight for 0.5 s, each group asking
+    from its holder: the cold prompts follow the requests each pod kept in flight, so no pod
+    ends more than one group off the even four (and no follower ever leaves its holder)."""
     sched = scheduler_with("predicted-ttft-scorer")
+    home: dict[int, str] = {}
+    open_: list[tuple[float, object]] = []
+    t = 0.0
+    systems = [prefix(2048, 10**6 * (g + 1)) for g in range(12)]
+
+    def send(ids: list[int]) -> str:
+        for end, d in [x for x in open_ if x[0] <= t]:
+            sched.on_first_token(d, end - 0.4)
+            sched.on_complete(d, None, end)
+            open_.remove((end, d))
+        d = sched.schedule(token_request(ids), now=t)
+        sched.on_pick(d, t)
+        open_.append((t + 0.5, d))
+        return d.target
+
+    for g in range(12):
+        home[g] = send([*systems[g], 1])
+        # Every group seen so far keeps asking, each from its holder.
+        for _ in range(3):
+            for h in range(g + 1):
+                t += 0.02
+                assert send([*systems[h], *prefix(16, int(t * 1000))]) == home[h]
+    per_pod = [list(home.values()).count(ep) for ep in ENDPOINTS]
+    assert sum(per_pod) == 12 and max(per_pod) - min(per_pod) <= 2 and min(per_pod) >= 3
+
+
+def test_inflight_placement_follows_the_requests_a_pod_held_over_the_horizon() -> None:
+    """placementLoad inflight (the default): A held many requests in flight for the last
+    half minute (its sessions' decodes) and drained just now; a cold prompt goes to B or C,
+    charged nothing there, while a prompt A holds still goes to A."""
+    sched = scheduler_with("predicted-ttft-scorer")
+    pod_a = sched.registry[A]
+    held = prefix(2048, 777)
+    sched.precise_index.add_blocks(A, sched.keyer.keys(token_request([*held, 1])))
+    for t in range(30):
+        pod_a.inflight_requests = 12
+        for ep in (B, C):
+            sched.registry[ep].inflight_requests = 2
+        sched.schedule(token_request([*held, *prefix(16, 10 * t)]), now=float(t))
+    for ep in ENDPOINTS:
+        sched.registry[ep].inflight_requests = 0
+    cold = sched.schedule(token_request(prefix(2048, 5 * 10**6)), now=30.0)
+    assert cold.target in (B, C)
+    parts = {s.endpoint: s.details["predicted-ttft-scorer"] for s in cold.results["default"].pods}
+    assert parts[A]["inflight_share"] > parts[B]["inflight_share"] == parts[C]["inflight_share"]
+    assert parts[A]["placement_s"] > 0.0 and parts[B]["placement_s"] == 0.0
+    assert sched.schedule(token_request([*held, 5]), now=30.0).target == A
+
+
+def test_cold_prefixes_are_placed_by_long_run_wait_and_hits_stay_with_their_holder() -> None:
+    """placementLoad wait: pod A was busy for the last half minute but is idle right now: a
+    cold prompt goes to an idle pod that was not; a prompt A holds still goes to A."""
+    sched = scheduler_with("predicted-ttft-scorer", {"placementLoad": "wait"})
     pod_a = sched.registry[A]
     for t in range(30):
         pod_a.inflight_prefill_tokens = 40_000  # A's queue while it was busy
@@ -273,6 +327,7 @@ def test_hooks_balance_the_prefilling_count() -> None:
         ({"decay": 0.0}, "decay"),
         ({"maxNumBatchedTokens": "lots"}, "maxNumBatchedTokens"),
         ({"loadHorizonS": -1.0}, "loadHorizonS"),
+        ({"placementLoad": "vibes"}, "inflight, wait"),
     ],
 )
 def test_bad_parameters_are_errors_naming_them(params: dict, needle: str) -> None:

@@ -270,6 +270,27 @@ def test_max_num_seqs_caps_the_running_set() -> None:
     assert (m.running, m.waiting) == (2, 3)
 
 
+# ------------------------------------------------------------------ chunked prefill cost
+def test_a_decode_step_sharing_its_batch_with_a_prefill_chunk_pays_the_mixed_batch_cost() -> None:
+    eng = make_engine(num_gpu_blocks=256)
+    eng.add_request(SimRequest("d", toks(100, 1), 50), 0.0)
+    now = eng.step(0.0).duration_s  # d's prefill; d decodes from here on
+    decode_only = eng.step(now)
+    now += decode_only.duration_s
+    assert decode_only.num_tokens == 1
+    eng.add_request(SimRequest("p", toks(300, 2), 5), now)
+    shared = eng.step(now)
+    assert shared.num_tokens == 301  # d's decode token + p's whole prompt
+    # The shared step costs its roofline (d's token next to p's chunk) plus the mixed-batch
+    # penalty, which a decode-only step of the same shape does not pay.
+    roofline = LM.step_time(301, 2, 300 * 150.5, 300 + 102)
+    assert shared.duration_s == pytest.approx(roofline + LM.mixed_batch_time())
+    assert LM.mixed_batch_time() == pytest.approx(
+        LM.profile.model.layers * LM.profile.efficiency.mixed_batch_layer_latency_s
+    )
+    assert shared.duration_s > decode_only.duration_s + LM.mixed_batch_time()
+
+
 # ------------------------------------------------------------------ CPU tier
 def test_evicted_blocks_move_to_cpu_and_reload_on_a_hit() -> None:
     rep = Replayer()

@@ -129,3 +129,60 @@ def test_model_matches_measured_h100_figures() -> None:
     assert groups["attn decode llama-3.1-8b-tp1"]["median_abs_error"] < 0.15
     # Masked-kernel measurements are upper bounds: a flash kernel is not slower.
     assert all(r.model_ms <= r.measured_ms for r in rows if r.upper_bound)
+
+
+def test_a_prefill_chunk_makes_the_step_slower_by_the_mixed_batch_cost() -> None:
+    p = load_profile("llama-3.1-8b-h100")
+    lm = LatencyModel(p)
+    e = p.efficiency
+    per_step = p.model.layers * e.mixed_batch_layer_latency_s
+    assert per_step > 0
+    decode = lm.step_time(64, 64, 0.0, 64 * 2048)
+    mixed = lm.step_time(64, 64, 0.0, 64 * 2048, mixed=True)
+    assert mixed - decode == pytest.approx(per_step)
+    # Doubling the profile constant doubles the penalty; zero removes it.
+    doubled = LatencyModel(
+        replace(
+            p, efficiency=replace(e, mixed_batch_layer_latency_s=2 * e.mixed_batch_layer_latency_s)
+        )
+    )
+    base = doubled.step_time(64, 64, 0.0, 64 * 2048)
+    assert doubled.step_time(64, 64, 0.0, 64 * 2048, mixed=True) - base == pytest.approx(
+        2 * per_step
+    )
+    off = LatencyModel(replace(p, efficiency=replace(e, mixed_batch_layer_latency_s=0.0)))
+    assert off.prefill_time(512) == pytest.approx(lm.prefill_time(512) - per_step)
+    # A one-token query (a pulled P/D request's last token) is still a uniform decode batch.
+    assert off.prefill_time(1, 1023) == pytest.approx(lm.prefill_time(1, 1023))
+
+
+def test_step_overhead_is_paid_once_per_step_whatever_the_batch() -> None:
+    p = load_profile("llama-3.1-8b-h100")
+    lm = LatencyModel(p)
+    more = LatencyModel(
+        replace(
+            p, efficiency=replace(p.efficiency, step_overhead_s=p.efficiency.step_overhead_s + 1e-3)
+        )
+    )
+    for batch in (1, 64, 256):
+        assert more.decode_step_time(batch, 1024) - lm.decode_step_time(batch, 1024) == (
+            pytest.approx(1e-3)
+        )
+    assert more.prefill_time(4096) - lm.prefill_time(4096) == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("name", bundled_profiles())
+def test_every_efficiency_constant_of_a_profile_says_where_it_comes_from(name: str) -> None:
+    """Each engine constant is set explicitly in the YAML with a comment on its line or just
+    above it (the source, or why it is an assumption)."""
+    lines = (Path(__file__).parents[2] / f"router/sim/profiles/{name}.yaml").read_text().split("\n")
+    start = (
+        lines.index("efficiency:")
+        if "efficiency:" in lines
+        else next(i for i, ln in enumerate(lines) if ln.startswith("efficiency:"))
+    )
+    for field_name in ("step_overhead_s", "mixed_batch_layer_latency_s", "allreduce_latency_s"):
+        at = next(
+            i for i in range(start, len(lines)) if lines[i].strip().startswith(field_name + ":")
+        )
+        assert "#" in lines[at] or lines[at - 1].strip().startswith("#"), (name, field_name)

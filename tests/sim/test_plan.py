@@ -4,14 +4,23 @@ cost per million tokens, SLO attainment, the recommendation, and errors that say
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import pytest
 
 from router.sim.fleet import parse_fleet
 from router.sim.latency import load_profile
-from router.sim.plan import PlanError, candidate_fleets, tp_degrees
+from router.sim.plan import (
+    PlanError,
+    candidate_fleets,
+    scale_constant,
+    sensitivity,
+    tp_degrees,
+)
 from router.sim.plan_cli import add_parser
+from router.sim.runner import SimSettings
+from router.sim.workloads import LengthDistribution, make_workload
 
 SMALL = (
     "--gpus",
@@ -98,6 +107,23 @@ def test_an_unreachable_slo_recommends_nothing_and_says_so(
     assert text.count(" no ") >= 2
 
 
+def test_points_after_a_candidates_first_slo_miss_are_skipped_unless_full_sweep(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Concurrency 2 then 6, and a TTFT bound nobody meets: the first point misses, so the
+    # higher load is not run.
+    full = json.loads(_run(capsys, *SMALL, "--slo-ttft-p95", "1e-6", "--full-sweep", "--json")[1])
+    assert all(len(c["points"]) == 2 for c in full["candidates"])
+    quick = json.loads(_run(capsys, *SMALL, "--slo-ttft-p95", "1e-6", "--json")[1])
+    for fc, qc in zip(full["candidates"], quick["candidates"], strict=True):
+        assert [p["load"] for p in qc["points"]] == ["concurrency 2"]
+        assert qc["points"][0] == fc["points"][0]  # the run that was made is the same run
+        assert qc["meets_slo"] is False
+    # Without an SLO nothing is skipped.
+    plain = json.loads(_run(capsys, *SMALL, "--json")[1])
+    assert all(len(c["points"]) == 2 for c in plain["candidates"])
+
+
 @pytest.mark.parametrize(
     ("argv", "needle"),
     [
@@ -116,3 +142,73 @@ def test_bad_input_is_an_error_saying_which_and_why(
     code, _, err = _run(capsys, *argv, "--no-progress")
     assert code == 2
     assert err.startswith("kvroute plan: error:") and needle in err
+
+
+# ------------------------------------------------------------------ sensitivity (tornado)
+def _decode_heavy(n: int = 64) -> object:
+    """A closed loop whose answers vary in length, so arrivals do not come in lockstep waves
+    and the aggregated pod keeps meeting prefill chunks next to its decodes."""
+    return make_workload(
+        "random",
+        seed=0,
+        concurrency=16,
+        num_requests=n,
+        prompt=LengthDistribution(1024),
+        output=LengthDistribution(256, 0.6, 16, 1024),
+    )
+
+
+def test_tornado_gain_rises_with_a_cost_only_the_aggregated_decode_steps_pay() -> None:
+    """The mixed-batch penalty lands on every aggregated step that carries a prefill chunk
+    next to decodes; the P/D decode pod never runs such a step. Made large so it dominates."""
+    prof = load_profile("llama-3.1-8b-h100")
+    eff = dataclasses.replace(prof.efficiency, mixed_batch_layer_latency_s=300e-6)
+    prof = dataclasses.replace(prof, efficiency=eff)
+    runs: list[str] = []
+    base, rows = sensitivity(
+        "1:tp1",
+        "1p:tp1,1d:tp1",
+        _decode_heavy(),  # type: ignore[arg-type]
+        prof,
+        SimSettings(),
+        [("mixed_batch_layer_latency_s", "efficiency"), ("kv_link_latency_s", "link")],
+        0.5,
+        runs.append,
+    )
+    mixed = next(r for r in rows if r.constant == "mixed_batch_layer_latency_s")
+    assert mixed.low_value == pytest.approx(150e-6) and mixed.high_value == pytest.approx(450e-6)
+    assert mixed.gain_low < base["gain"] < mixed.gain_high
+    assert base["gain_per_gpu"] == pytest.approx((1 + base["gain"]) / 2 - 1)
+    # 2 baseline runs, both fleets at both mixed values, only the P/D fleet for the link.
+    assert len(runs) == 2 + 4 + 2
+    assert runs.count("1:tp1") == 3
+    assert rows[0].swing >= rows[1].swing
+
+
+def test_tornado_gain_falls_when_the_kv_link_is_too_slow() -> None:
+    prof = load_profile("llama-3.1-8b-h100")
+    slow = SimSettings(kv_link_bandwidth_Bps=1e9)  # 134 MB of KV per 1,024-token prompt
+    _, rows = sensitivity(
+        "1:tp1",
+        "1p:tp1,1d:tp1",
+        _decode_heavy(32),  # type: ignore[arg-type]
+        prof,
+        slow,
+        [("kv_link_bandwidth_Bps", "link")],
+        0.5,
+    )
+    assert rows[0].gain_low < rows[0].gain_high
+
+
+def test_scaled_constants_stay_physical_and_bad_places_are_named() -> None:
+    prof = load_profile("llama-3.1-8b-h100")
+    up, _, value = scale_constant(prof, SimSettings(), "gemm_memory", "efficiency", 1.5)
+    assert value == 1.0 and up.efficiency.gemm_memory == 1.0  # a fraction of peak caps at 1
+    _, sett, v = scale_constant(prof, SimSettings(), "kv_link_latency_s", "link", 0.5)
+    assert sett.kv_link_latency_s == v == pytest.approx(0.001)
+    with pytest.raises(PlanError, match="unknown place"):
+        scale_constant(prof, SimSettings(), "gemm_memory", "nowhere", 1.5)
+    with pytest.raises(PlanError, match="aggregated and a disaggregated"):
+        sensitivity("1:tp1", "2:tp1", _decode_heavy(), prof)  # type: ignore[arg-type]
+    with pytest.raises(PlanError, match="between 0 and 1"):
+        sensitivity("1:tp1", "1p:tp1,1d:tp1", _decode_heavy(), prof, step=1.5)  # type: ignore[arg-type]
