@@ -126,6 +126,8 @@ async def test_store_killed_and_restarted_mid_run_fails_no_request_and_resyncs(
         assert statuses.count(200) == len(statuses), (
             f"failed: {len(statuses) - statuses.count(200)}"
         )
+        # A connection the restart broke may fail once more and be reopened: up again at once.
+        await wait_for(lambda: b.shared_state.up, 3.0, "up after the restart")
         page = (await cb.get("/metrics")).text
         assert metric(page, "kvroute_shared_state_up") == 1
         assert metric(page, "kvroute_shared_state_errors_total") >= 1
