@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,15 +33,10 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from http_load import Child, closed_loop, cpu_seconds, python
+from peers import free_port
 
 HERE = Path(__file__).resolve().parent
 BODY = json.dumps({"model": "m", "prompt": "The quick brown fox " * 8, "max_tokens": 1}).encode()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _children(pid: int) -> list[int]:
@@ -89,7 +83,7 @@ def measure(workers: int, endpoints: list[str], args: argparse.Namespace) -> dic
         config = Path(tmp) / "bench.yaml"
         lines = ["pods:"] + [f"  - {{endpoint: '{ep}', models: [m]}}" for ep in endpoints]
         config.write_text("\n".join(lines) + "\nblocks: {mode: chars}\n")
-        port = _free_port()
+        port = free_port()
         proc = subprocess.Popen(
             python(
                 "-m", "router.cli", "proxy", "--config", str(config), "--port", str(port),

@@ -30,7 +30,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -45,15 +44,10 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from compare import build_workload, pod_args, scrape_pods, warm_pods
+from peers import free_port
 
 from router.emulator.fleet import EmulatedFleet
 from router.loadgen import LoadGenerator, LoadSettings
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RoundRobinLoad(LoadGenerator):

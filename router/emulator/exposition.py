@@ -18,6 +18,7 @@ histogram buckets cumulative with `le` formatted like Go, HELP text escaped.
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Protocol
@@ -65,7 +66,7 @@ class Collector(Protocol):
     def collect(self) -> Iterable[Metric]: ...
 
 
-class _Family:
+class _Family(ABC):
     """One metric family with fixed label names; children are created by `labels()`."""
 
     kind = ""
@@ -77,8 +78,8 @@ class _Family:
         self._children: dict[tuple[str, ...], _Child] = {}
         self._created_header = _header(name + "_created", doc, "gauge")
 
-    def _new_child(self, values: tuple[str, ...]) -> _Child:
-        raise NotImplementedError
+    @abstractmethod
+    def _new_child(self, values: tuple[str, ...]) -> _Child: ...
 
     def labels(self, *values: str) -> _Child:
         key = tuple(str(v) for v in values)
@@ -102,12 +103,12 @@ class _Family:
     _header = ""
 
 
-class _Child:
+class _Child(ABC):
     created_prefix = ""
     created = 0.0
 
-    def render(self, out: list[str]) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def render(self, out: list[str]) -> None: ...
 
 
 class _CounterChild(_Child):
