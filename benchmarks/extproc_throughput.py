@@ -14,8 +14,10 @@ Method (all on 127.0.0.1, each part in its own process):
   (≈32 KB of text, 500 character blocks), aiohttp keep-alive connections.
 
 Per run: concurrency 1 for `--seconds` with and without the picker (latency p50/p99), then
-concurrency 64 with and without it (requests/s). Runs alternate baseline and picker; the
-figures are medians over `--runs`. Added latency = picker p50/p99 minus baseline p50/p99.
+concurrency 64 with and without it (requests/s). Then, in the first mode only, concurrency 1
+with a 220 KB and a 2 MB chat body (`--long-bodies`): `added_p50_ms_220kb`, `added_p50_ms_2mb`.
+Runs alternate baseline and picker; the figures are medians over `--runs`. Added latency =
+picker p50/p99 minus baseline p50/p99.
 `null_picker`: the first mode again with a picker that does the same gRPC exchange but no
 parsing or scheduling (fixed destination): the floor Python gRPC and Envoy set by themselves.
 The picker, Envoy, pods and load generator share the machine's cores, so the figures also
@@ -250,13 +252,21 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         assert null.stdout is not None
         null.stdout.readline()
         floor = await measure_mode(args, args.modes[0], null_port, endpoints[0], body)
+        long_bodies = {}
+        for label, size in LONG_BODIES:
+            if size in args.long_bodies:
+                long_bodies[label] = await measure_long_body(
+                    args, args.modes[0], grpc_port, endpoints[0], size
+                )
         return {
+            **{f"added_p50_ms_{label}": v["added_p50_ms"] for label, v in long_bodies.items()},
             "added_p50_ms_c1": main["added_p50_ms_c1"],
             "added_p99_ms_c1": main["added_p99_ms_c1"],
             "rps_c64": main["rps_c64"],
             "mode": args.modes[0],
             "by_mode": by_mode,
             "null_picker": floor,
+            "long_bodies": long_bodies,
             "body_bytes": len(body),
             "runs": args.runs,
             "seconds_per_run": args.seconds,
@@ -306,6 +316,46 @@ async def measure_mode(
     }
 
 
+#: Long chat bodies measured at concurrency 1 in the first mode: (label, body bytes).
+LONG_BODIES = (("220kb", 220_000), ("2mb", 2_000_000))
+
+
+def chat_body_bytes(size: int) -> bytes:
+    """A chat body of about `size` bytes (the `chat_body` text, 4 characters a token)."""
+    body = chat_body(max(1, size // 4))
+    return body if len(body) <= size else chat_body(max(1, (size - (len(body) - size)) // 4))
+
+
+async def measure_long_body(
+    args: argparse.Namespace, mode: str, grpc_port: int, pod: str, size: int
+) -> dict[str, float]:
+    """Concurrency 1, alternating baseline and picker runs, with one body of `size` bytes
+    (a fresh prompt per run would be colder; the same one measures the parse, tokenize and
+    keying cost, which the picker pays again for every request: it caches no bodies)."""
+    body = chat_body_bytes(size)
+    picker_env = EnvoyProcess(mode, grpc_port)
+    base_env = EnvoyProcess(mode, grpc_port, baseline_destination=pod)
+    base_p50: list[float] = []
+    picker_p50: list[float] = []
+    async with picker_env, base_env:
+        picked = f"{picker_env.url}/v1/chat/completions"
+        direct = f"{base_env.url}/v1/chat/completions"
+        for _ in range(args.runs):
+            b = await closed_loop(direct, body, 1, seconds=args.seconds)
+            p = await closed_loop(picked, body, 1, seconds=args.seconds)
+            check(b, f"{mode} baseline {size} B")
+            check(p, f"{mode} picker {size} B")
+            base_p50.append(b.percentile_ms(50))
+            picker_p50.append(p.percentile_ms(50))
+    b50, p50 = statistics.median(base_p50), statistics.median(picker_p50)
+    return {
+        "body_bytes": len(body),
+        "added_p50_ms": round(p50 - b50, 3),
+        "baseline_p50_ms": round(b50, 3),
+        "picker_p50_ms": round(p50, 3),
+    }
+
+
 def check(result: LoadResult, what: str) -> None:
     if result.failed:
         raise RuntimeError(f"{what}: {result.failed} of {result.requests} requests failed")
@@ -322,6 +372,14 @@ def main() -> int:
         default=["FULL_DUPLEX_STREAMED", "BUFFERED", "STREAMED"],
         choices=["FULL_DUPLEX_STREAMED", "STREAMED", "BUFFERED"],
         help="body modes to measure; the first gives the top-level figures",
+    )
+    parser.add_argument(
+        "--long-bodies",
+        nargs="*",
+        type=int,
+        default=[size for _, size in LONG_BODIES],
+        help="long-body sizes to measure at c=1 in the first mode, among "
+        f"{', '.join(str(size) for _, size in LONG_BODIES)} (none: skip)",
     )
     parser.add_argument("--serve-pods", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--serve-null-picker", nargs=2, default=None, help=argparse.SUPPRESS)
@@ -347,9 +405,10 @@ def main() -> int:
         print(json.dumps(figures))
     else:
         for k, v in figures.items():
-            if k not in ("by_mode", "null_picker"):
+            if k not in ("by_mode", "null_picker", "long_bodies"):
                 print(f"{k:22} {v}")
         sections = [*figures["by_mode"].items(), ("null_picker", figures["null_picker"])]
+        sections += [(f"long body {k}", v) for k, v in figures["long_bodies"].items()]
         for mode, numbers in sections:
             print(mode)
             for k, v in numbers.items():

@@ -8,11 +8,16 @@ pods: 1,000 conversations of 500 blocks (16 tokens each), each held by 2 pods. T
 scorer of the registry enabled, llm-d's precise weights (the peers' kind, the baseline),
 kvroute's default (`predicted-ttft-scorer`), and the default with 1,000 decisions held pending
 in the index (300 blocks each, one of them on the query's prefix).
+Shadow policies (`shadow_policies:`): the default profile's `schedule` with 0, 1
+(llm-d-default) and 3 (round-robin, llm-d-default, sglang-cache-aware) shadows, each the
+median over `--rounds` interleaved rounds of the per-round median; per shadow = (with k − with
+0) / k, target <= 50 us. The sglang tree holds the 1,000 conversations (picked through the
+hooks), so its match walks a full tree; the requests carry their text, as a face's do.
 Bytes per entry: tracemalloc's growth while building the index / (block, pod) entries, for
 the plain index (approximate mode) and with engine hashes (precise mode, fed by KV events).
 The tokenizer is a byte-level BPE trained in-process (vocab 16k) — no downloads.
 
-    python benchmarks/hot_path.py [--json] [--calls N]
+    python benchmarks/hot_path.py [--json] [--calls N] [--rounds R]
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from router.index import BlockIndex
 from router.pods import MetricsSnapshot, Pod, PodRegistry
 from router.request import RoutingRequest, parse_request
 from router.scheduler import Scheduler
+from router.shadow import ShadowStats
 from router.sim.policies import policy_config
 
 PODS = 32
@@ -69,6 +75,13 @@ schedulingProfiles:
       - {pluginRef: no-hit-lru-scorer, weight: 1}
       - {pluginRef: max-score-picker}
 """
+
+#: Shadow policy sets timed on the default profile (0, 1 and 3 shadows).
+SHADOW_SETS: list[tuple[str, ...]] = [
+    (),
+    ("llm-d-default",),
+    ("round-robin", "llm-d-default", "sglang-cache-aware"),
+]
 
 #: Decisions held pending (picked, KV events not yet seen) in the "with pending" run.
 PENDING_DECISIONS = 1_000
@@ -156,10 +169,77 @@ def chat_body(n_words: int, turns: int, seed: int) -> dict:
     return {"model": "m", "messages": messages}
 
 
+def time_shadows(
+    registry: PodRegistry,
+    index: BlockIndex,
+    ptok: PrefixTokenizer,
+    convs: list[np.ndarray],
+    qlist: list[int],
+    calls: int,
+    rounds: int,
+) -> dict[str, float]:
+    """`schedule` of the default profile with each of `SHADOW_SETS`, interleaved over
+    `rounds`; the median of the per-round medians, and the cost per shadow policy."""
+    # The prompts' text, as a face has it (sglang's tree matches text; from token ids alone
+    # it would join them into one, ~0.5 ms for 8k tokens, which a live request never pays).
+    texts = [" ".join(map(str, conv[: 100 * BLOCK].tolist())) for conv in convs]
+    qtext = " ".join(map(str, qlist))
+    scheds = []
+    for shadows in SHADOW_SETS:
+        config = dataclasses.replace(
+            policy_config("kvroute-default", block_size=BLOCK, seed=1), shadow_policies=shadows
+        )
+        sched = Scheduler(
+            config,
+            registry=registry,
+            precise_index=index,
+            keyer=BlockKeyer(BlockConfig(mode="tokens", block_size=BLOCK), ptok),
+            seed=1,
+        )
+        # Picks of every conversation through the hooks (long ago: their pending entries
+        # have expired by the timed calls), so sglang's tree holds them all.
+        for conv, text in zip(convs, texts, strict=True):
+            ids = conv[: 100 * BLOCK].tolist()
+            d = sched.schedule(RoutingRequest(model="m", prompt=text, token_ids=ids), now=-100.0)
+            sched.on_pick(d, now=-100.0)
+            sched.on_first_token(d, now=-100.0)
+            sched.on_complete(d, None, now=-100.0)
+        if sched.shadows is not None:  # count the timed calls only
+            for sp in sched.shadows.policies:
+                sp.stats = ShadowStats()
+        scheds.append(sched)
+    medians: list[list[float]] = [[] for _ in SHADOW_SETS]
+    for _ in range(rounds):
+        for i, sched in enumerate(scheds):
+
+            def schedule(sched: Scheduler = sched) -> None:
+                sched.schedule(
+                    RoutingRequest(model="m", prompt=qtext, token_ids=qlist, session_key="s1"),
+                    now=1.0,
+                )
+
+            medians[i].append(timeit(schedule, max(200, calls // rounds), warmup=20)[0])
+    out: dict[str, float] = {}
+    base = statistics.median(medians[0])
+    for shadows, ms in zip(SHADOW_SETS, medians, strict=True):
+        k = len(shadows)
+        out[f"schedule_default_{k}_shadows_p50_ms"] = statistics.median(ms)
+        if k:
+            out[f"shadow_cost_{k}_per_policy_us"] = (statistics.median(ms) - base) / k * 1e3
+    for sched in scheds:
+        if sched.shadows is not None:
+            for sp in sched.shadows.policies:
+                st = sp.stats
+                key = f"shadow_{sp.name.replace('-', '_')}_of_{len(sched.shadows.policies)}"
+                out[f"{key}_mean_us"] = st.seconds / st.requests * 1e6
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--calls", type=int, default=2_000)
+    ap.add_argument("--rounds", type=int, default=5, help="rounds of the shadow timings")
     args = ap.parse_args()
     calls = max(1_000, args.calls)
     out: dict[str, float] = {}
@@ -264,6 +344,7 @@ def main() -> None:
         for entry in entries_pending:
             if entry is not None:
                 index.release_pending(entry)
+    out.update(time_shadows(registry, index, ptok, convs, qlist, calls, max(1, args.rounds)))
     out["schedule_p50_ms"] = out["schedule_all_scorers_p50_ms"]
     out["schedule_p99_ms"] = out["schedule_all_scorers_p99_ms"]
 
@@ -285,6 +366,18 @@ def main() -> None:
     for label, med, p99 in rows:
         p99s = f"{out[p99]:10.3f}" if p99 else f"{'':>10}"
         print(f"{label:36}{out[med]:12.3f}{p99s}")
+    for shadows in SHADOW_SETS:
+        k = len(shadows)
+        label = f"schedule (32 pods, default, {k} shadow{'s' if k != 1 else ''})"
+        rows.append((label, f"schedule_default_{k}_shadows_p50_ms", None))
+    for label, med, _ in rows[len(rows) - len(SHADOW_SETS) :]:
+        print(f"{label:36}{out[med]:12.3f}  (median of {args.rounds} rounds)")
+    for shadows in SHADOW_SETS[1:]:
+        k = len(shadows)
+        print(
+            f"per shadow policy ({k}: {', '.join(shadows)}): "
+            f"{out[f'shadow_cost_{k}_per_policy_us']:.1f} us (target <= 50 us)"
+        )
     gain = out["tokenize_key_8k_median_ms"] / out["tokenize_key_8k_prefix_cached_median_ms"]
     print(f"tokenizer prefix cache: {gain:.1f}x faster on the next turn of a conversation")
     print(

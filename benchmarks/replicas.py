@@ -1,7 +1,7 @@
 """Several `kvroute proxy` replicas in front of one emulated fleet, with and without shared state.
 
     python benchmarks/replicas.py [--replicas 1,2,4] [--requests 200] [--concurrency 8]
-        [--pods 4] [--speedup 1] [--no-shared] [--json OUT]
+        [--pods 4] [--speedup 1] [--no-shared] [--runs N] [--policy-file F] [--json OUT]
 
 Method. For each replica count N and each mode (`local`: every replica routes on its own
 state, as before issue 15; `shared`: the replicas share it through a real `redis-server`
@@ -30,6 +30,7 @@ import contextlib
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -56,25 +57,12 @@ class RoundRobinLoad(LoadGenerator):
     def __init__(self, workload: Any, settings: LoadSettings, urls: list[str]) -> None:
         super().__init__(workload, settings)
         self.urls = urls
-        self.clients: list[httpx.AsyncClient] = []
         self._n = 0
 
-    async def _one(self, client: httpx.AsyncClient, a: Any, due: float | None = None) -> None:
-        target = self.clients[self._n % len(self.clients)] if self.clients else client
+    def _base_url(self, a: Any) -> str:
+        url = self.urls[self._n % len(self.urls)]
         self._n += 1
-        await super()._one(target, a, due)
-
-    async def run_all(self) -> Any:
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=1024)
-        async with contextlib.AsyncExitStack() as stack:
-            for url in self.urls:
-                self.clients.append(
-                    await stack.enter_async_context(
-                        httpx.AsyncClient(base_url=url, timeout=self.settings.timeout_s,
-                                          limits=limits)
-                    )
-                )  # fmt: skip
-            return await self.run()
+        return url
 
 
 class Redis:
@@ -174,6 +162,10 @@ async def run_one(n: int, shared: bool, args: argparse.Namespace, redis: Redis |
             "prefix_index": {"mode": "approximate"},
             "seed": args.seed,
         }
+        if args.policy_file:
+            policy = yaml.safe_load(Path(args.policy_file).read_text())
+            doc["plugins"] = policy["plugins"]
+            doc["schedulingProfiles"] = policy["schedulingProfiles"]
         if shared:
             assert redis is not None
             doc["shared_state"] = {"url": redis.url, "prefix": f"bench-{uuid.uuid4().hex[:8]}"}
@@ -193,7 +185,7 @@ async def run_one(n: int, shared: bool, args: argparse.Namespace, redis: Redis |
                 max_tokens_cap=args.max_tokens,
             )
             gen = RoundRobinLoad(workload, settings, [url for _, url in procs])
-            report = await gen.run_all()
+            report = await gen.run()
             await asyncio.sleep(0.3)  # the last responses' counters land
             pages = [(await client.get(f"{url}/metrics")).text for _, url in procs]
         finally:
@@ -231,6 +223,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-shared", action="store_true", help="only the local-state runs")
+    p.add_argument(
+        "--runs", type=int, default=1, help="rounds of every configuration, medians reported"
+    )
+    p.add_argument(
+        "--policy-file",
+        default=None,
+        help="route with this config's plugins and schedulingProfiles (e.g. "
+        "configs/policies/llm-d-default.yaml) instead of the default profile",
+    )
     p.add_argument("--json", default=None, help="write the rows here ('-' = stdout)")
     args = p.parse_args(argv)
     args.groups = 8  # build_workload's shared-prompt knob (unused by multi-turn)
@@ -242,29 +243,64 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
     redis = None if args.no_shared else Redis()
     rows = []
     try:
-        for n in counts:
-            modes = [False] if (n == 1 or args.no_shared) else [False, True]
-            for shared in modes:
-                row = await run_one(n, shared, args, redis)
-                print(
-                    f"{n} replica(s) {row['mode']:6}: hit rate {row['hit_rate']}, "
-                    f"TTFT p50 {row['ttft_p50_s']} s p95 {row['ttft_p95_s']} s, "
-                    f"failed {row['failed']}/{row['requests']}, load {row['loadavg_1m']}",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                rows.append(row)
+        for round_no in range(args.runs):
+            for n in counts:
+                modes = [False] if (n == 1 or args.no_shared) else [False, True]
+                for shared in modes:
+                    row = await run_one(n, shared, args, redis)
+                    row["round"] = round_no
+                    print_row(row)
+                    rows.append(row)
     finally:
         if redis is not None:
             redis.stop()
     return rows
 
 
+def print_row(row: dict[str, Any]) -> None:
+    print(
+        f"{row['replicas']} replica(s) {row['mode']:6}: hit rate {row['hit_rate']}, "
+        f"TTFT p50 {row['ttft_p50_s']} s p95 {row['ttft_p95_s']} s, "
+        f"failed {row['failed']}/{row['requests']}, load {row['loadavg_1m']}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def medians(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (replicas, mode): the median over the rounds of hit rate and TTFT, and the hit
+    rate's and TTFT p95's change against the single replica's median (points, ratio)."""
+    groups: dict[tuple[int, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["replicas"], row["mode"]), []).append(row)
+    out = []
+    for (n, mode), group in groups.items():
+        med: dict[str, Any] = {"replicas": n, "mode": mode, "runs": len(group)}
+        for key in ("hit_rate", "ttft_p50_s", "ttft_p95_s", "requests_per_s"):
+            values = [r[key] for r in group if r[key] is not None]
+            med[key] = round(statistics.median(values), 4) if values else None
+        med["failed"] = sum(r["failed"] for r in group)
+        out.append(med)
+    single = next((m for m in out if m["replicas"] == 1), None)
+    for med in out:
+        if single and med["hit_rate"] is not None and single["hit_rate"] is not None:
+            med["hit_rate_vs_single_pts"] = round(100 * (med["hit_rate"] - single["hit_rate"]), 2)
+        if single and med["ttft_p95_s"] and single["ttft_p95_s"]:
+            med["ttft_p95_vs_single"] = round(med["ttft_p95_s"] / single["ttft_p95_s"], 3)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rows = asyncio.run(main_async(args))
+    summary = medians(rows)
+    if args.runs > 1:
+        print(f"medians of {args.runs} rounds:", file=sys.stderr)
+        for med in summary:
+            print(f"  {json.dumps(med)}", file=sys.stderr)
     out = {"workload": "multi-turn", "pods": args.pods, "requests": args.requests,
-           "concurrency": args.concurrency, "speedup": args.speedup, "rows": rows}  # fmt: skip
+           "concurrency": args.concurrency, "speedup": args.speedup, "rows": rows,
+           "medians": summary}  # fmt: skip
     if args.json == "-":
         print(json.dumps(out, indent=2))
     elif args.json:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import logging
 import sys
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from envoy_extproc.server import PickerServer
 from envoy_extproc.settings import GRPC_PORT, HEALTH_PORT, METRICS_PORT, ExtProcSettings
 from router.config import ConfigError, load_config
 from router.discovery.kubernetes import KubernetesDiscoverySettings
+from router.log_setup import apply_logging
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -53,7 +53,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="a model the pool serves, kept as a metric label value (repeatable); models "
         "no pod lists and not named here are counted as 'other'",
     )
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument(
+        "--log-level", default=None, help="debug, info, ... (default: the config's logging.level)"
+    )
     p.set_defaults(func=run)
 
 
@@ -95,26 +97,29 @@ def kubernetes_from_args(args: argparse.Namespace) -> KubernetesDiscoverySetting
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per scrape otherwise
     try:
         config = load_config(args.config)
+        apply_logging(config.logging, args.log_level)
         base = config.extproc
         settings = settings_from_args(args, base)
         kubernetes = kubernetes_from_args(args)
     except (ConfigError, ValueError) as e:
         print(f"kvroute serve: {e}", file=sys.stderr)
         return 2
-    server = PickerServer(
-        config,
-        settings,
-        config_path=args.config,
-        kubernetes=kubernetes,
-        served_models=args.served_model,
-        freeze_heap=True,
-    )
+    try:
+        server = PickerServer(
+            config,
+            settings,
+            config_path=args.config,
+            kubernetes=kubernetes,
+            served_models=args.served_model,
+            freeze_heap=True,
+        )
+    except ValueError as e:  # e.g. tracing on without the OpenTelemetry packages
+        print(f"kvroute serve: {e}", file=sys.stderr)
+        return 2
+    if server.reloader is not None:
+        server.reloader.log_level_override = args.log_level  # the command line wins
     try:
         import uvloop  # gRPC aio streams run about twice as fast on it
     except ImportError:

@@ -39,19 +39,17 @@ not declare) to `other`, so clients cannot mint series by sending random model n
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from router.face_metrics import OTHER, Bounded, ModelLabels
 from router.pods import PodRegistry
 
-#: The label value of every model outside the served set.
-OTHER = "other"
-#: Placeholders kvroute uses before a model is known; fixed values, kept as they are.
-_FIXED = frozenset({"-", OTHER})
+__all__ = ["OTHER", "Bounded", "GaieMetrics", "GaiePoolCollector", "ModelLabels", "Paired"]
 
 # GAIE's buckets, so quantiles computed from either exporter line up.
 _GENERAL_LATENCY = (
@@ -67,33 +65,6 @@ _OUTPUT_TOKENS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 _NTPOT = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 _SCHEDULER = (0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
 _EXTENSION_POINTS = {"filter": "Filter", "scorer": "Scorer", "picker": "Picker"}
-
-
-class ModelLabels:
-    """`model` as a label value: itself when the pool serves it or it was declared, else
-    `other`. The served set is re-read when the registry changes (its `version`)."""
-
-    def __init__(self, declared: Collection[str] = ()) -> None:
-        self.declared = frozenset(declared)
-        self._registry: PodRegistry | None = None
-        self._version = -1
-        self._known: frozenset[str] | None = None
-
-    def follow(self, registry: PodRegistry) -> None:
-        self._registry = registry
-        self._version = -1
-
-    def __call__(self, model: str) -> str:
-        if model in _FIXED:
-            return model
-        registry = self._registry
-        if registry is None and not self.declared:
-            return model  # not bound to a pool (a bare Picker in tests): nothing to bound by
-        if registry is not None and registry.version != self._version:
-            self._known = self.declared | frozenset(registry.models())
-            self._version = registry.version
-        known = self._known if self._known is not None else self.declared
-        return model if model in known else OTHER
 
 
 class Paired:
@@ -127,17 +98,6 @@ class Paired:
     def observe(self, value: float) -> None:  # unlabelled families
         self.kvroute.observe(value)
         self.gaie.observe(value)
-
-
-class Bounded:
-    """A kvroute-only labelled metric whose first label is a model, bounded like Paired's."""
-
-    def __init__(self, kvroute: Any, model_labels: Callable[[str], str]) -> None:
-        self.kvroute = kvroute
-        self._model_labels = model_labels
-
-    def labels(self, model: str, *rest: str) -> Any:
-        return self.kvroute.labels(self._model_labels(model), *rest)
 
 
 class _PairedChild:

@@ -1,4 +1,5 @@
-"""The Prometheus endpoint: `GET /metrics` in the text exposition format, on the event loop.
+"""The Prometheus endpoint: `GET /metrics` in the text exposition format, on the event loop,
+and the face's JSON debug pages beside it (`/debug/reuse`).
 
 A small asyncio HTTP/1.1 responder (one request per connection) instead of prometheus_client's
 threaded server, so the page is rendered on the same loop as the state it reads (no locking
@@ -10,7 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable, Mapping
+from typing import Any
 
+import msgspec
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
@@ -19,8 +23,16 @@ log = logging.getLogger(__name__)
 
 
 class MetricsHTTPServer:
-    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        host: str,
+        port: int,
+        debug: Mapping[str, Callable[[], Any]] | None = None,
+    ) -> None:
+        """`debug`: path → a function returning the page as plain JSON data."""
         self.registry = registry
+        self._debug = {k.encode(): v for k, v in (debug or {}).items()}
         self.host = host
         self.port = port
         self._server: asyncio.Server | None = None
@@ -53,6 +65,9 @@ class MetricsHTTPServer:
                 CONTENT_TYPE_LATEST.encode(),
                 generate_latest(self.registry),
             )
+        elif path in self._debug:
+            page = msgspec.json.encode(self._debug[path]())
+            status, ctype, body = b"200 OK", b"application/json", page
         else:
             status, ctype, body = b"404 Not Found", b"text/plain", b"try /metrics\n"
         writer.write(

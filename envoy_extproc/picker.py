@@ -85,21 +85,10 @@ class Picker:
             await self.tokenize.prepare(req)
             decision = self.scheduler.schedule(req, subset=subset, now=now)
         except RequestError as e:
-            self.metrics.errors.labels(self._model_label(model), e.code).inc()
-            self.metrics.decisions.labels("-", e.code).inc()
+            self.metrics.refused(self._model_label(model), e.code)
             raise
         self.scheduler.on_pick(decision, now)
-        m = self.metrics
-        m.scheduling.observe(decision.elapsed_s)
-        m.decisions.labels(decision.profile, "pd" if decision.prefill else "single").inc()
-        m.running.labels(model).inc()
-        m.request_sizes.labels(model).observe(len(body))
-        main = decision.results.get(decision.profile)
-        if main is not None and decision.request.block_keys:
-            for s in main.pods:
-                if s.endpoint == decision.target:
-                    m.prefix_hit.observe(s.prefix_hit)
-                    break
+        self.metrics.routed(decision, len(body))
         return decision
 
     def path_action(self, method: str, path: str) -> PathAction:
@@ -107,8 +96,7 @@ class Picker:
         try:
             return path_action(method, path, self.request_settings)
         except RequestError as e:
-            self.metrics.errors.labels("-", e.code).inc()
-            self.metrics.decisions.labels("-", e.code).inc()
+            self.metrics.refused("-", e.code)
             raise
 
     def models_body(self) -> bytes:
@@ -132,7 +120,7 @@ class Picker:
         if not stripped:
             return None
         for name in stripped:
-            self.metrics.stripped_fields.labels(name).inc()
+            self.metrics.stripped(name)
         return _encode(body)
 
     def destination(self, decision: Decision) -> str:
@@ -144,7 +132,7 @@ class Picker:
     # ------------------------------------------------------------------ outcome
     def first_token(self, decision: Decision, elapsed_s: float) -> None:
         self.scheduler.on_first_token(decision, self.clock())
-        self.metrics.ttft.labels(decision.request.model).observe(elapsed_s)
+        self.metrics.first_token(decision, elapsed_s)
 
     def complete(
         self,
@@ -152,27 +140,14 @@ class Picker:
         usage: dict[str, Any] | None,
         elapsed_s: float,
         response_bytes: int | None = None,
+        endpoint: str | None = None,
     ) -> None:
-        """`response_bytes`: the body's length where it passed through the picker."""
+        """`response_bytes`: the body's length where it passed through the picker;
+        `endpoint`: the pod that answered (default the target)."""
         self.scheduler.on_complete(decision, usage, self.clock())
         if self.passive_health is not None:
             self.passive_health.record_success(decision.target)
-        model = decision.request.model
-        m = self.metrics
-        m.running.labels(model).dec()
-        m.requests.labels(model, decision.profile, "ok").inc()
-        m.request_duration.labels(model).observe(elapsed_s)
-        if response_bytes is not None:
-            m.response_sizes.labels(model).observe(response_bytes)
-        if usage:
-            prompt = usage.get("prompt_tokens")
-            completion = usage.get("completion_tokens")
-            if isinstance(prompt, int):
-                m.input_tokens.labels(model).observe(prompt)
-            if isinstance(completion, int):
-                m.output_tokens.labels(model).observe(completion)
-                if completion > 0:
-                    m.ntpot.labels(model).observe(elapsed_s / completion)
+        self.metrics.completed(decision, usage, elapsed_s, response_bytes, endpoint)
 
     def fail(
         self,
@@ -188,10 +163,7 @@ class Picker:
         if self.passive_health is not None:
             request_id = decision.request.request_id or f"picker-{id(decision)}"
             self.passive_health.record_failure(endpoint, status, request_id, unreachable)
-        model = decision.request.model
-        self.metrics.running.labels(model).dec()
-        self.metrics.requests.labels(model, decision.profile, "error").inc()
-        self.metrics.errors.labels(model, kind).inc()
+        self.metrics.failed(decision, kind)
 
     def _adapter_names(self) -> frozenset[str]:
         self._refresh_names()

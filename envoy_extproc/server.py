@@ -29,6 +29,7 @@ import threading
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -36,16 +37,17 @@ from grpc_health.v1.health import aio as health_aio
 
 from envoy_extproc.metrics import PickerMetrics, time_plugins
 from envoy_extproc.metrics_http import MetricsHTTPServer
+from envoy_extproc.observe import build_picker
 from envoy_extproc.passive_health import PassiveHealth
-from envoy_extproc.picker import Picker
 from envoy_extproc.servicer import ExternalProcessorServicer, add_to_server
 from envoy_extproc.settings import ExtProcSettings
 from router.config import RouterConfig
 from router.discovery.kubernetes import KubernetesDiscoverySettings
 from router.feeds import FleetFeeds
 from router.gc_heap import freeze_startup_heap
-from router.request import ChatTemplate
+from router.loop_lag import LoopLagCollector
 from router.scheduler import Scheduler
+from router.shadow_metrics import ShadowCollector
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,30 @@ class BoundPorts:
     kv_events: str | None
 
 
+def _tracing(config: RouterConfig) -> Any:
+    """The config's `RequestTracing`, or None when tracing is off (nothing imported)."""
+    from router.ops_settings import make_tracing
+
+    return make_tracing(config.tracing, "kvroute-picker")
+
+
+def _reloader(server: PickerServer, config_path: str | Path | None) -> Any:
+    """The `ConfigReloader` of `config_path` applying to `server`, or None without a file."""
+    if config_path is None:
+        return None
+    from envoy_extproc.observe import EXTPROC_LIVE_FIELDS, apply_serve_reload
+    from router.config_reload import ConfigReloader
+
+    discovery = server.feeds.discovery
+    return ConfigReloader(
+        config_path,
+        server.config,
+        lambda config, change: apply_serve_reload(server, config, change),
+        live_fields=EXTPROC_LIVE_FIELDS,
+        on_sighup=getattr(discovery, "reload", None),
+    )
+
+
 class PickerServer:
     def __init__(
         self,
@@ -73,13 +99,16 @@ class PickerServer:
         kubernetes: KubernetesDiscoverySettings | None = None,
         served_models: Collection[str] = (),
         freeze_heap: bool = False,
+        tracing: Any = None,
     ) -> None:
-        """`config_path`: re-read its `pods:` when the file changes (static discovery).
-        `kubernetes`: take the pods from the Kubernetes API instead (the InferencePool's
-        selector); readiness then waits for the first pod list. `served_models`: model
-        names allowed as metric label values besides those the pods list. `freeze_heap`:
-        once started, take what start-up loaded out of the garbage collector's passes
-        (`router.gc_heap`); for a process that is only this picker."""
+        """`config_path`: re-read its `pods:` when the file changes (static discovery), and
+        the rest of it on SIGHUP or a change (`router.config_reload`). `kubernetes`: take
+        the pods from the Kubernetes API instead (the InferencePool's selector); readiness
+        then waits for the first pod list. `served_models`: model names allowed as metric
+        label values besides those the pods list. `freeze_heap`: once started, take what
+        start-up loaded out of the garbage collector's passes (`router.gc_heap`); for a
+        process that is only this picker. `tracing`: a `router.tracing.RequestTracing` to
+        use (tests); default: the config's `tracing:` section (None when it is off)."""
         self.config = config
         self._freeze_heap = freeze_heap
         self.settings = settings or ExtProcSettings()
@@ -89,11 +118,15 @@ class PickerServer:
             # instead of routing on an empty precise index.
             self.feeds.subscriber.warm_start = True
         self.registry = self.feeds.registry
-        self.scheduler = Scheduler(config, self.registry, precise_index=self.feeds.precise_index)
         pool_name = kubernetes.pool_name if kubernetes is not None else None
         self.metrics = PickerMetrics(pool_name=pool_name or "kvroute", models=served_models)
-        self.metrics.watch_pool(self.registry, self.feeds.stats)
-        time_plugins(self.scheduler, self.metrics)
+        self.metrics.watch_feeds(self.feeds)
+        self.loop_lag = LoopLagCollector("extproc")
+        self.metrics.registry.register(self.loop_lag)
+        self.metrics.registry.register(ShadowCollector(lambda: self.scheduler.shadows))
+        #: OpenTelemetry spans (`router.tracing`); None = off: nothing is wrapped.
+        self.tracing = tracing if tracing is not None else _tracing(config)
+        self.scheduler = self.build_scheduler(config)
         self.shared_state = None
         if config.shared_state is not None:
             from router.shared_state.redis_sync import RedisSync
@@ -106,14 +139,12 @@ class PickerServer:
             else None
         )
         self._readmit_task: asyncio.Task[None] | None = None
-        self.picker = Picker(
-            self.scheduler,
-            self.settings,
-            self.metrics,
-            ChatTemplate.beside_tokenizer(config.blocks.tokenizer_path),
-            passive_health=self.passive_health,
-        )
+        self.picker = build_picker(self, self.scheduler, self.settings, config)
         self.servicer = ExternalProcessorServicer(self.picker)
+        #: Applies the config file again on SIGHUP or a change; None without a file.
+        self.reloader = _reloader(self, config_path)
+        if self.reloader is not None:
+            self.metrics.registry.register(self.reloader)
         self.health = health_aio.HealthServicer()
         self._grpc: grpc.aio.Server | None = None
         self._health_server: grpc.aio.Server | None = None
@@ -132,8 +163,14 @@ class PickerServer:
         health_port = self._health_server.add_insecure_port(f"{s.host}:{s.health_port}")
         await self._health_server.start()
         await self.health.set("liveness", _SERVING)
+        self.loop_lag.start(asyncio.get_running_loop())
 
-        self._metrics_server = MetricsHTTPServer(self.metrics.registry, s.host, s.metrics_port)
+        self._metrics_server = MetricsHTTPServer(
+            self.metrics.registry,
+            s.host,
+            s.metrics_port,
+            debug={"/debug/reuse": self.metrics.reuse.report},
+        )
         metrics_port = await self._metrics_server.start()
 
         await self.feeds.start()
@@ -157,6 +194,8 @@ class PickerServer:
             self._readmit_task = asyncio.create_task(self._readmit_loop(self.passive_health))
         if self._freeze_heap:
             freeze_startup_heap()
+        if self.reloader is not None:
+            await self.reloader.start()  # after static discovery's: it takes over SIGHUP
         await self._set_ready(True)
         self.ports = BoundPorts(
             grpc_port,
@@ -179,6 +218,8 @@ class PickerServer:
         if self._stopped:
             return
         self._stopped = True
+        if self.reloader is not None:
+            await self.reloader.stop()
         grace = self.settings.grace_period_s if grace_s is None else grace_s
         await self._set_ready(False)
         if lame_duck_s > 0 and self._grpc is not None:
@@ -197,6 +238,7 @@ class PickerServer:
         if self.shared_state is not None:
             await self.shared_state.stop()
         await self.feeds.stop()
+        self.loop_lag.stop()
         self.picker.tokenize.close()
         if self._metrics_server is not None:
             await self._metrics_server.stop()
@@ -244,6 +286,23 @@ class PickerServer:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+    def build_scheduler(self, config: RouterConfig, previous: Scheduler | None = None) -> Scheduler:
+        """The scheduler for `config`, built alike at start-up and on a reload (`previous`:
+        the one it replaces; its keyer, approximate index and shared-state observer go on)."""
+        sched = Scheduler(
+            config,
+            self.registry,
+            precise_index=self.feeds.precise_index,
+            keyer=previous.keyer if previous is not None else None,
+            approx_index=previous.approx_index if previous is not None else None,
+        )
+        if previous is not None:
+            sched.observer = previous.observer
+        time_plugins(sched, self.metrics)
+        if self.tracing is not None:
+            self.tracing.trace_scheduler(sched)
+        return sched
 
     # ------------------------------------------------------------------ helpers
     async def _readmit_loop(self, health: PassiveHealth) -> None:

@@ -222,6 +222,9 @@ class ExtProcStream:
         dest = picker.destination(decision)
         clean = picker.clean_body(decision)
         extra = None if clean is None else {"content-length": str(len(clean))}
+        tracing = getattr(picker, "tracing", None)  # `envoy_extproc.observe.PickerTracing`
+        if tracing is not None:
+            extra = tracing.headers(decision, extra)  # the pod's `traceparent`
         mutation = msg.routing_mutation(dest, decision.prefill, extra)
         metadata = msg.destination_metadata(dest)
         out: list[ProcessingResponse]
@@ -292,7 +295,7 @@ class ExtProcStream:
         if 0 < self._status < 500:
             usage = self._usage.usage if self._usage is not None else None
             self._picker.complete(
-                decision, usage, self.clock() - self._started, self._response_bytes
+                decision, usage, self.clock() - self._started, self._response_bytes, endpoint
             )
         else:
             self._picker.fail(

@@ -70,7 +70,17 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if args.command in _SERVICE_LOG_LEVEL:
+        from router.log_setup import setup_logging
+
+        # One set-up for every long-running command; `proxy` and `serve` redo it with their
+        # config's `logging:` section. The tools keep Python's default (warnings only).
+        setup_logging(getattr(args, "log_level", None) or _SERVICE_LOG_LEVEL[args.command])
     return int(args.func(args) or 0)
+
+
+#: Long-running commands → their default log level (an emulated pod logs only its problems).
+_SERVICE_LOG_LEVEL = {"proxy": "info", "serve": "info", "sidecar": "info", "emulate": "warning"}
 
 
 if __name__ == "__main__":

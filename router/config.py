@@ -24,6 +24,7 @@ from envoy_extproc.settings import ExtProcSettings
 from router.blocks import BlockConfig
 from router.discovery.pod_list import PodListError, pods_from_yaml_list
 from router.events.settings import EventsSettings
+from router.ops_settings import LoggingSettings, TracingSettings
 from router.pods import Pod, Role
 from router.proxy.settings import ProxySettings
 from router.request import RequestSettings
@@ -45,6 +46,8 @@ class _LineDict(dict):
 
 class _LineList(list):
     line: int = 0
+    #: The line of each item.
+    item_lines: list[int]
 
 
 class _LineLoader(yaml.SafeLoader):
@@ -66,6 +69,7 @@ def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> _LineDict
 def _construct_sequence(loader: _LineLoader, node: yaml.SequenceNode) -> _LineList:
     out = _LineList(loader.construct_object(n, deep=True) for n in node.value)
     out.line = node.start_mark.line + 1
+    out.item_lines = [n.start_mark.line + 1 for n in node.value]
     return out
 
 
@@ -147,6 +151,13 @@ class RouterConfig:
     proxy: ProxySettings = field(default_factory=ProxySettings)
     #: State shared with other router replicas through a store; None = this replica alone.
     shared_state: SharedStateSettings | None = None
+    #: OpenTelemetry tracing of requests (off by default).
+    tracing: TracingSettings = field(default_factory=TracingSettings)
+    #: Log level, format and the access log of both faces.
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
+    #: Policies (`kvroute simulate --policies` names) also run on each live request, for
+    #: what they would have picked (`router.shadow`); they send nothing.
+    shadow_policies: tuple[str, ...] = ()
     #: Seed of the pickers' random tie-breaks (None = from the OS).
     seed: int | None = None
     source: str = "<default>"
@@ -248,6 +259,9 @@ _TOP_LEVEL = {
     "extproc",
     "proxy",
     "shared_state",
+    "tracing",
+    "logging",
+    "shadow_policies",
     "apiVersion",
     "kind",
 }
@@ -316,6 +330,13 @@ def _build(doc: dict, source: str) -> RouterConfig:
         shared_state = ctx.dataclass(
             SharedStateSettings, doc["shared_state"], "shared_state", _line_of(doc, "shared_state")
         )
+    tracing = ctx.dataclass(
+        TracingSettings, doc.get("tracing"), "tracing", _line_of(doc, "tracing")
+    )
+    logging_ = ctx.dataclass(
+        LoggingSettings, doc.get("logging"), "logging", _line_of(doc, "logging")
+    )
+    shadow_policies = _parse_shadow_policies(doc, ctx)
     seed = doc.get("seed")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise ConfigError(f"{source}:{_line_of(doc, 'seed')}: seed must be an integer")
@@ -332,9 +353,36 @@ def _build(doc: dict, source: str) -> RouterConfig:
         extproc=extproc,
         proxy=proxy,
         shared_state=shared_state,
+        tracing=tracing,
+        logging=logging_,
+        shadow_policies=shadow_policies,
         seed=seed,
         source=source,
     )
+
+
+def _parse_shadow_policies(doc: dict, ctx: _Ctx) -> tuple[str, ...]:
+    """`shadow_policies: [NAME, ...]`, each a `kvroute simulate --policies` name."""
+    # Imported here: router.sim.policies builds its configs with this module.
+    from router.sim.policies import POLICIES
+
+    node = doc.get("shadow_policies")
+    if node is None:
+        return ()
+    if not isinstance(node, list):
+        raise ctx.err(_line_of(doc, "shadow_policies"), "'shadow_policies' must be a list")
+    names: list[str] = []
+    lines = getattr(node, "item_lines", None) or [_line_of(doc, "shadow_policies")] * len(node)
+    for i, name in enumerate(node):
+        if name not in POLICIES:
+            raise ctx.err(
+                lines[i],
+                f"shadow_policies[{i}]: unknown policy {name!r} (known: {', '.join(POLICIES)})",
+            )
+        if name in names:
+            raise ctx.err(lines[i], f"shadow_policies: {name!r} is listed twice")
+        names.append(name)
+    return tuple(names)
 
 
 class _Ctx:

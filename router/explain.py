@@ -11,6 +11,7 @@ interference + KV-pressure penalty, in seconds.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from importlib import resources
@@ -20,9 +21,12 @@ from typing import Any
 import yaml
 
 from router.config import ConfigError, RouterConfig, load_config
+from router.index import BlockIndex
 from router.pods import MetricsSnapshot
 from router.request import RequestError, RoutingRequest, parse_request
 from router.scheduler import Decision, Scheduler
+from router.shadow import prediction
+from router.sim.policies import POLICIES
 
 
 def _bundled(name: str) -> Path:
@@ -46,6 +50,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--prompt", help="completion prompt to route")
     src.add_argument("--body", type=Path, help="OpenAI request body (JSON file) to route")
     p.add_argument("--profile", default=None, help="scheduling profile to run")
+    p.add_argument(
+        "--shadow",
+        action="append",
+        default=None,
+        metavar="POLICY",
+        help="also show where this policy (a `simulate --policies` name) would send the "
+        "request; repeatable, added to the config's shadow_policies",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
@@ -53,8 +65,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def seed_state(sched: Scheduler, state: dict[str, Any], model: str) -> None:
     """Put each pod's held prompts into the default prefix index, its scraped load into
     metrics and, when given, the router's own in-flight accounting (`inflight_requests`,
-    `inflight_prefill_tokens`: requests and uncached tokens this router sent and not yet
-    prefilled)."""
+    `inflight_prefill_tokens`, `inflight_prefilling`: requests and uncached tokens this router
+    sent and not yet prefilled, and how many of those requests have no first token yet)."""
     index = sched.prefix_index()
     for endpoint, info in (state.get("pods") or {}).items():
         if endpoint not in sched.registry:
@@ -75,6 +87,7 @@ def seed_state(sched: Scheduler, state: dict[str, Any], model: str) -> None:
         pod = sched.registry[endpoint]
         pod.inflight_requests = int(info.get("inflight_requests", 0))
         pod.inflight_prefill_tokens = int(info.get("inflight_prefill_tokens", 0))
+        pod.inflight_prefilling = int(info.get("inflight_prefilling", 0))
 
 
 def _weights(config: RouterConfig, profile: str) -> dict[str, float]:
@@ -137,7 +150,54 @@ def render_table(decision: Decision, config: RouterConfig) -> str:
     )
     if decision.prefill:
         lines.append(f"prefill pick: {decision.prefill} (P/D: remote prefill)")
+    if decision.shadows:
+        lines += ["", *render_shadows(decision)]
     return "\n".join(lines)
+
+
+def render_shadows(decision: Decision) -> list[str]:
+    """The shadow policies' picks on the same fleet state, beside the live pick."""
+    header = ["shadow policy", "pick", "captured tokens", "agrees", "pred TTFT s"]
+    live_ttft = prediction(decision, decision.prefill or decision.target)
+    rows = [
+        [
+            f"(live: {decision.profile})",
+            decision.prefill or decision.target,
+            str(decision.captured_tokens),
+            "",
+            "" if live_ttft is None else f"{live_ttft:.3f}",
+        ]
+    ]
+    for sp in decision.shadows:
+        rows.append(
+            [
+                sp.policy,
+                sp.target if sp.target is not None else f"refused ({sp.error})",
+                str(sp.captured_tokens),
+                "yes" if sp.agrees else "no",
+                "" if sp.predicted_ttft_s is None else f"{sp.predicted_ttft_s:.3f}",
+            ]
+        )
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    lines.append(
+        f"of {decision.prompt_tokens} prompt tokens; shadows score the same state and send nothing"
+    )
+    return lines
+
+
+def _with_shadows(config: RouterConfig, names: list[str] | None) -> RouterConfig:
+    """`config` with the `--shadow` policies added to its `shadow_policies`."""
+    if not names:
+        return config
+    known = set(POLICIES)
+    for name in names:
+        if name not in known:
+            raise ConfigError(f"--shadow: unknown policy {name!r} (known: {', '.join(POLICIES)})")
+    merged = tuple(dict.fromkeys((*config.shadow_policies, *names)))
+    return dataclasses.replace(config, shadow_policies=merged)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -161,7 +221,15 @@ def run(args: argparse.Namespace) -> int:
             req = parse_request(
                 {"model": model, "prompt": prompt}, "/v1/completions", settings=config.request
             )
-        sched = Scheduler(config)
+        config = _with_shadows(config, args.shadow)
+        # An explicitly precise config reads the seeded state as a KV-event feed would fill it
+        # (shadow policies too).
+        precise = (
+            BlockIndex(tier_weights=config.prefix_index.tier_weights)
+            if config.prefix_index.mode == "precise"
+            else None
+        )
+        sched = Scheduler(config, precise_index=precise)
         seed_state(sched, state, model)
         decision = sched.schedule(req, profile=args.profile, now=0.0)
     except (ConfigError, OSError, yaml.YAMLError) as e:

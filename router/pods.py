@@ -51,10 +51,13 @@ class Pod:
     adapters: frozenset[str] = frozenset()
     healthy: bool = True
     metrics: MetricsSnapshot = field(default_factory=MetricsSnapshot)
-    # Router-side accounting: requests sent and not yet completed, and their uncached prompt
-    # tokens not yet prefilled (cleared at first token).
+    # Router-side accounting (every replica's, with shared state): requests sent and not yet
+    # completed, their uncached prompt tokens not yet prefilled (cleared at first token), and
+    # how many of them have not reached their first token (queued or prefilling here: the
+    # part of the scraped waiting count the router accounts for itself).
     inflight_requests: int = 0
     inflight_prefill_tokens: int = 0
+    inflight_prefilling: int = 0
     last_picked_at: float = float("-inf")
     #: KV-event endpoint (PUB) and replay endpoint, when the pod binds them.
     kv_events_endpoint: str | None = None

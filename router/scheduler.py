@@ -28,6 +28,9 @@ come back through the index methods and `add_remote_inflight`, which tell it not
 A scorer may offer `score_details(ctx, pods) -> (scores, details)`, one dict of named figures
 per pod (e.g. a predicted TTFT and its parts); the profile then calls it instead of `score`
 and the decision carries the details into its explanation.
+
+With `shadow_policies:` each decision also carries what other policies would have picked on
+the same state (`router.shadow`; run after the live decision, outside its `elapsed_s`).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import random
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from router.blocks import BlockKeyer, estimate_tokens
 from router.config import RouterConfig
@@ -55,6 +58,9 @@ from scorers.base import (
 from scorers.filters import HealthyFilter, ModelFilter
 from scorers.pickers import MaxScorePicker
 from scorers.registry import build_plugin, plugin_kind
+
+if TYPE_CHECKING:
+    from router.shadow import ShadowSet
 
 
 @dataclass(slots=True)
@@ -77,6 +83,23 @@ class ProfileResult:
 
 
 @dataclass(slots=True)
+class ShadowPick:
+    """What a shadow policy (`router.shadow`) would have done with a live request."""
+
+    policy: str
+    #: The pod it would have sent the request to (its prefill pod in P/D); None when it
+    #: would have refused the request (`error` says why).
+    target: str | None
+    #: Prompt tokens `target` held as a cached prefix (the live decision's default index).
+    captured_tokens: int
+    #: Its TTFT prediction for `target`, where the policy predicts one (predicted-ttft).
+    predicted_ttft_s: float | None = None
+    error: str | None = None
+    #: Same target and same prefill pod as the live decision.
+    agrees: bool = False
+
+
+@dataclass(slots=True)
 class Decision:
     request: RoutingRequest
     #: Where the request goes (the decode pod in P/D).
@@ -92,6 +115,11 @@ class Decision:
     prompt_tokens: int
     #: Scheduling time in seconds (for metrics).
     elapsed_s: float = 0.0
+    #: Pod → prompt tokens it held as a cached prefix at decision time (the default index;
+    #: pods holding none are absent). Empty when the request was not keyed.
+    prefix_tokens: dict[str, int] = field(default_factory=dict)
+    #: What each configured shadow policy would have picked; empty without shadows.
+    shadows: list[ShadowPick] = field(default_factory=list)
     _charged: list[tuple[str, int]] = field(default_factory=list)
     _pending: list[PendingEntry] = field(default_factory=list)
     _done: bool = False
@@ -99,6 +127,17 @@ class Decision:
     @property
     def endpoints(self) -> list[str]:
         return [self.target, *self.fallbacks]
+
+    @property
+    def available_tokens(self) -> int:
+        """Reuse *available*: the longest cached prefix any pod held, in prompt tokens."""
+        return max(self.prefix_tokens.values(), default=0)
+
+    @property
+    def captured_tokens(self) -> int:
+        """Reuse *captured*: the cached prefix of the pod that prefills (prefill pod, else
+        target), in prompt tokens."""
+        return self.prefix_tokens.get(self.prefill or self.target, 0)
 
     def explain(self) -> dict[str, Any]:
         """The decision as plain JSON data (the `kvroute explain --json` shape)."""
@@ -134,15 +173,35 @@ class Decision:
                 }
                 for name, r in self.results.items()
             }
+        if self.shadows:
+            out["captured_tokens"] = self.captured_tokens
+            out["shadows"] = self.shadow_report()
         return out
+
+    def shadow_report(self) -> list[dict[str, Any]]:
+        """Each shadow policy's pick as plain JSON (explain, the debug header)."""
+        return [
+            {
+                "policy": sp.policy,
+                "pick": sp.target,
+                "captured_tokens": sp.captured_tokens,
+                "agrees": sp.agrees,
+                "predicted_ttft_s": (
+                    None if sp.predicted_ttft_s is None else round(sp.predicted_ttft_s, 6)
+                ),
+                **({"error": sp.error} if sp.error else {}),
+            }
+            for sp in self.shadows
+        ]
 
 
 class StateObserver(Protocol):
     """Told of every change the hooks make to the router's own state, so another replica can
     apply it (`router.shared_state`). Called on the hot path: record, never block."""
 
-    def charged(self, pod: str, requests: int, tokens: int) -> None:
-        """In-flight requests / uncached prefill tokens on `pod` moved by these (signed)."""
+    def charged(self, pod: str, requests: int, tokens: int, prefilling: int = 0) -> None:
+        """In-flight requests / uncached prefill tokens / requests before their first token
+        on `pod` moved by these (signed)."""
 
     def indexed(self, pod: str, keys: Sequence[int]) -> None:
         """The approximate index recorded `keys` on `pod` (a pick)."""
@@ -170,6 +229,9 @@ class Profile:
         self.scorers = scorers
         self.picker = picker
         self.prefix_mode = prefix_mode
+        #: Keep each candidate's scores in the result (explain, details); a shadow policy
+        #: that needs only its ranking turns it off.
+        self.scored = True
 
     def run(self, ctx: SchedulingContext, pods: list[Pod]) -> ProfileResult:
         for f in self.filters:
@@ -192,6 +254,8 @@ class Profile:
                 for i in range(n):
                     totals[i] += weight * values[i]
         order = self.picker.pick(ctx, pods, totals)
+        if not self.scored:
+            return ProfileResult(self.name, [pods[i].endpoint for i in order], [])
         nkeys = len(ctx.keys)
         hits = ctx.prefix_hits(self.prefix_mode) if nkeys else {}
         scored = [
@@ -264,6 +328,7 @@ class Scheduler:
         registry: PodRegistry | None = None,
         precise_index: BlockIndex | None = None,
         keyer: BlockKeyer | None = None,
+        approx_index: BlockIndex | None = None,
         clock: Callable[[], float] = time.monotonic,
         seed: int | None = None,
         max_fallbacks: int = 2,
@@ -279,8 +344,16 @@ class Scheduler:
         self.precise_index = (
             precise_index if precise_index is not None else BlockIndex(tier_weights=pi.tier_weights)
         )
-        self.approx_index = BlockIndex(
-            capacity_per_pod=pi.lru_capacity_per_pod, ttl_s=pi.ttl_s, tier_weights=pi.tier_weights
+        #: Passed in by a scheduler that reads another's record of picks (a shadow policy, a
+        #: reloaded config), else its own.
+        self.approx_index = (
+            approx_index
+            if approx_index is not None
+            else BlockIndex(
+                capacity_per_pod=pi.lru_capacity_per_pod,
+                ttl_s=pi.ttl_s,
+                tier_weights=pi.tier_weights,
+            )
         )
         self.indexes = {"precise": self.precise_index, "approximate": self.approx_index}
         if pi.mode == "auto":
@@ -342,6 +415,24 @@ class Scheduler:
         self._healthy_filter = HealthyFilter("healthy-filter", {}, env)
         #: Told of the hooks' state changes (shared state); None = this replica alone.
         self.observer: StateObserver | None = None
+        #: `shadow_policies:` run on each request (`router.shadow`); None = none configured.
+        self.shadows: ShadowSet | None = None
+        if config.shadow_policies:
+            from router.shadow import ShadowSet  # imports this module
+
+            self.shadows = ShadowSet(
+                self, config.shadow_policies, precise_fed=precise_index is not None
+            )
+            # Shadows score captured tokens with the live `prefix_tokens`: key every request,
+            # and keep the record of picks the shadows (and `prefix_tokens`) may read.
+            self.needs_keys = True
+            self._record_approx = (
+                self._record_approx
+                or self.shadows.reads_index
+                or self.default_prefix_mode == "approximate"
+            )
+            if self._pending_ttl is None and self.shadows.wants_pending:
+                self._pending_ttl = pi.pending_ttl_s
 
     # ------------------------------------------------------------------ scheduling
     def schedule(
@@ -350,10 +441,14 @@ class Scheduler:
         profile: str | None = None,
         subset: Collection[str] | None = None,
         now: float | None = None,
+        *,
+        prefix_hits: dict[str, dict[str, float]] | None = None,
     ) -> Decision:
         """Pick the pod(s) for `req`. Raises `RequestError` 404 (no pod serves the model),
         503 (none healthy / none in `subset` / a profile's filters leave none), 429 (sheddable
-        and every candidate saturated)."""
+        and every candidate saturated). `prefix_hits`: index mode → lookups of `req`'s keys
+        on this scheduler's indexes, made already (shadows reuse the live decision's) and
+        filled in with those this call makes."""
         t0 = time.perf_counter()
         if now is None:
             now = self.clock()
@@ -376,6 +471,8 @@ class Scheduler:
             rng=self.rng,
             _lookup=lambda mode: self._longest_prefix(mode, keys),
         )
+        if prefix_hits is not None:
+            ctx._hits = prefix_hits
         pods = self._model_filter.filter(ctx, self.registry.all())
         if not pods:
             raise RequestError(
@@ -402,7 +499,13 @@ class Scheduler:
         target = main.ranked[0]
         mode = self.default_prefix_mode
         uncached = ctx.uncached_tokens(prefill or target, mode)
-        return Decision(
+        prefix_tokens: dict[str, int] = {}
+        if keys:
+            tpb, total = ctx.tokens_per_block, ctx.prompt_tokens
+            for ep, matched in ctx.prefix_hits(mode).items():
+                if matched > 0:
+                    prefix_tokens[ep] = min(total, int(matched * tpb))
+        decision = Decision(
             request=req,
             target=target,
             fallbacks=main.ranked[1 : 1 + self.max_fallbacks],
@@ -412,7 +515,11 @@ class Scheduler:
             uncached_tokens=uncached,
             prompt_tokens=ctx.prompt_tokens,
             elapsed_s=time.perf_counter() - t0,
+            prefix_tokens=prefix_tokens,
         )
+        if self.shadows is not None:  # after elapsed_s: shadows keep their own time
+            decision.shadows = self.shadows.run(req, decision, subset, now, ctx._hits)
+        return decision
 
     def _longest_prefix(self, mode: str, keys: Sequence[int]) -> dict[str, float]:
         """The `mode` index's match per pod; for a silent pod in precise mode, the longer of
@@ -463,11 +570,12 @@ class Scheduler:
             if obs is not None:
                 obs.charged(decision.target, 1, 0)
         wpod = self.registry.get(worker)
-        if wpod is not None and decision.uncached_tokens:
+        if wpod is not None:
             wpod.inflight_prefill_tokens += decision.uncached_tokens
+            wpod.inflight_prefilling += 1
             decision._charged.append((worker, decision.uncached_tokens))
             if obs is not None:
-                obs.charged(worker, 0, decision.uncached_tokens)
+                obs.charged(worker, 0, decision.uncached_tokens, 1)
         if self._record_approx and decision.request.block_keys:
             keys = decision.request.block_keys
             self.approx_index.add_blocks(decision.target, keys, now=now)
@@ -488,6 +596,8 @@ class Scheduler:
                         obs.pending(ep, entry.keys)
         for p in self._learners:
             p.on_pick(decision, now)
+        if self.shadows is not None:
+            self.shadows.on_pick(decision, now)
 
     def on_first_token(self, decision: Decision, now: float | None = None) -> None:
         """Prefill is done: release the uncached tokens charged to the prefilling pod."""
@@ -497,6 +607,8 @@ class Scheduler:
         self._settle_pending(decision, now)
         for p in self._learners:
             p.on_first_token(decision, now)
+        if self.shadows is not None:
+            self.shadows.on_first_token(decision, now)
 
     def on_prefill_done(self, decision: Decision, now: float | None = None) -> None:
         """P/D: the remote prefill leg ended (its KV is ready to pull, or it failed): the
@@ -516,6 +628,8 @@ class Scheduler:
         if self._finish(decision):
             for p in self._learners:
                 p.on_complete(decision, usage, now)
+            if self.shadows is not None:
+                self.shadows.on_complete(decision, usage, now)
 
     def on_failure(self, decision: Decision, endpoint: str, now: float | None = None) -> None:
         """The request failed on `endpoint`: release its load and forget what it would have
@@ -532,6 +646,8 @@ class Scheduler:
         if self._finish(decision):
             for p in self._learners:
                 p.on_failure(decision, endpoint, now)
+            if self.shadows is not None:
+                self.shadows.on_failure(decision, endpoint, now)
 
     def _settle_pending(self, decision: Decision, now: float, pod: str | None = None) -> None:
         """The prefill ran (on `pod`, or everywhere): its KV events are due within
@@ -551,8 +667,9 @@ class Scheduler:
             pod = self.registry.get(ep)
             if pod is not None:
                 pod.inflight_prefill_tokens = max(0, pod.inflight_prefill_tokens - tokens)
+                pod.inflight_prefilling = max(0, pod.inflight_prefilling - 1)
             if obs is not None:
-                obs.charged(ep, 0, -tokens)
+                obs.charged(ep, 0, -tokens, -1)
         decision._charged.clear()
 
     def _finish(self, decision: Decision) -> bool:
@@ -567,13 +684,16 @@ class Scheduler:
                 self.observer.charged(decision.target, -1, 0)
         return True
 
-    def add_remote_inflight(self, endpoint: str, requests: int, tokens: int) -> None:
+    def add_remote_inflight(
+        self, endpoint: str, requests: int, tokens: int, prefilling: int = 0
+    ) -> None:
         """Add another replica's in-flight change on `endpoint` (signed; `router.shared_state`
         applies what the other replicas publish). Not reported to the observer."""
         pod = self.registry.get(endpoint)
         if pod is not None:
             pod.inflight_requests = max(0, pod.inflight_requests + requests)
             pod.inflight_prefill_tokens = max(0, pod.inflight_prefill_tokens + tokens)
+            pod.inflight_prefilling = max(0, pod.inflight_prefilling + prefilling)
 
     # ------------------------------------------------------------------ helpers
     @property

@@ -88,6 +88,15 @@ def _known_lines(text: str) -> str:
     return "\n".join(keep)
 
 
+#: Request counts above this are an exporter's garbage; held here so the sum stays an int.
+_MAX_COUNT = 10**9
+
+
+def _count(value: float) -> int:
+    """A summed request count as a non-negative int (finite samples can still sum to inf)."""
+    return int(min(max(value, 0.0), _MAX_COUNT))
+
+
 def parse_vllm_metrics(text: str, model: str | None = None, *, now: float) -> MetricsSnapshot:
     """Read a vLLM `/metrics` page into a snapshot taken at `now`.
 
@@ -171,8 +180,8 @@ def parse_vllm_metrics(text: str, model: str | None = None, *, now: float) -> Me
         running_adapters.update(_split_names(run))
         waiting_adapters.update(_split_names(wait))
     return MetricsSnapshot(
-        waiting=max(0, int(waiting)),
-        running=max(0, int(running)),
+        waiting=_count(waiting),
+        running=_count(running),
         kv_utilization=min(1.0, max(0.0, kv)),
         running_adapters=frozenset(running_adapters),
         waiting_adapters=frozenset(waiting_adapters),
@@ -258,6 +267,12 @@ class MetricsScraper:
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._loop_task: asyncio.Task[None] | None = None
         self._on_restart: list[Callable[[str, str], None]] = []
+        self._on_snapshot: list[Callable[[str, MetricsSnapshot], None]] = []
+
+    def on_snapshot(self, callback: Callable[[str, MetricsSnapshot], None]) -> None:
+        """Call `callback(endpoint, snapshot)` after each successful scrape of a known pod
+        (e.g. to follow the engine's prefix-cache counters, `router.reuse`)."""
+        self._on_snapshot.append(callback)
 
     def on_restart(self, callback: Callable[[str, str], None]) -> None:
         """Call `callback(endpoint, reason)` when a pod's engine is seen to have restarted."""
@@ -370,6 +385,8 @@ class MetricsScraper:
             log.warning("pod %s %s", endpoint, reason)
             for cb in self._on_restart:
                 cb(endpoint, reason)
+        for snap_cb in self._on_snapshot:
+            snap_cb(endpoint, snapshot)
         if state.held_unhealthy:
             state.held_unhealthy = False
             self.stats.recovered += 1
@@ -389,8 +406,12 @@ class MetricsScraper:
         if state.consecutive_failures >= self.settings.unhealthy_after and not state.held_unhealthy:
             state.held_unhealthy = True
             self.stats.marked_unhealthy += 1
+            was_healthy = pod.healthy
             self.registry.set_health(endpoint, False)
-            log.warning(
+            # One line per state change: a pod the health prober ejected already was logged
+            # there.
+            log.log(
+                logging.WARNING if was_healthy else logging.DEBUG,
                 "pod %s marked unhealthy after %d failed metrics scrapes (last: %s)",
                 endpoint,
                 state.consecutive_failures,

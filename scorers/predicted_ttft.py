@@ -6,6 +6,8 @@ its own prefill, on steps that also carry the pod's running decodes:
     W      = Q + U                               tokens the engine must prefill first
     Q      = inflight_prefill_tokens              router's own queued uncached tokens there
              + max(0, waiting − own) · ū           + requests the scrape shows and we did not send
+                                                  (own = the router's requests there before their
+                                                  first token, every replica's with shared state)
     U      = this request's uncached tokens there (prefix index, pending entries included)
     D      = max(running decodes we sent, scraped running)
     steps  = max(1, ⌈W / (C − D)⌉)                C = the engine's max batched tokens
@@ -257,8 +259,6 @@ class PredictedTTFTScorer(DetailedScorer, LearningPlugin):
         #: Bumped at each observation; a pod's factors are re-solved when it changed.
         self._version = 0
         self._solved: dict[str, int] = {}
-        #: Per pod: requests we sent whose first token has not come (prefilling or queued).
-        self._prefilling: dict[str, int] = {}
         #: Per pod: EW mean of our requests' uncached tokens (sizes the scrape's extra queue).
         self._mean_tokens: dict[str, float] = {}
         self._open: dict[int, _Open] = {}
@@ -287,7 +287,7 @@ class PredictedTTFTScorer(DetailedScorer, LearningPlugin):
         r = self.rates
         ep = pod.endpoint
         m = pod.metrics
-        own_pre = self._prefilling.get(ep, 0)
+        own_pre = pod.inflight_prefilling
         foreign = max(0, m.waiting - own_pre)
         queued = pod.inflight_prefill_tokens
         if foreign:
@@ -443,7 +443,6 @@ class PredictedTTFTScorer(DetailedScorer, LearningPlugin):
             held = max(0, decision.prompt_tokens - decision.uncached_tokens)
             self._reuse[0] = 0.998 * self._reuse[0] + held
             self._reuse[1] = 0.998 * self._reuse[1] + decision.prompt_tokens
-        self._prefilling[worker] = self._prefilling.get(worker, 0) + 1
         feats = self._last.get(worker) if decision.request is self._last_request else None
         tokens = decision.uncached_tokens
         mean = self._mean_tokens.get(worker)
@@ -472,8 +471,4 @@ class PredictedTTFTScorer(DetailedScorer, LearningPlugin):
         self._close(decision)
 
     def _close(self, decision: Decision) -> _Open | None:
-        rec = self._open.pop(id(decision), None)
-        if rec is not None:
-            n = self._prefilling.get(rec.pod, 0)
-            self._prefilling[rec.pod] = max(0, n - 1)
-        return rec
+        return self._open.pop(id(decision), None)

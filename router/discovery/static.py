@@ -80,9 +80,13 @@ class StaticDiscovery:
         signature = self._stat()
         pods = read_pods_file(self.path)
         self._signature = signature
+        before = {p.endpoint for p in self.registry.all()}
+        first = self.stats.reloads == 0
         self.registry.replace_all(pods)
         self.stats.reloads += 1
-        log.info("static discovery: %d pods from %s", len(pods), self.path)
+        # A file saved for another section (a config reload) is no fleet change: no line.
+        level = logging.INFO if first or before != {p.endpoint for p in pods} else logging.DEBUG
+        log.log(level, "static discovery: %d pods from %s", len(pods), self.path)
 
     def reload(self) -> bool:
         """Re-read the file; on error keep the current fleet, log, count, and return False."""

@@ -21,6 +21,7 @@ import dataclasses
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -58,14 +59,23 @@ def _error(err: RequestError, *, validation: bool = False) -> Response:
 
 def build_api_app(rt: PodRuntime, refuse: Callable[[float], Awaitable[None]]) -> FastAPI:
     app = FastAPI(title="kvroute vLLM emulator", docs_url=None, redoc_url=None, openapi_url=None)
+    #: W3C trace context of the last inference requests (`GET /admin/traceparents`): what a
+    #: router propagated to the pod.
+    traceparents: deque[str | None] = deque(maxlen=256)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
+        traceparents.append(request.headers.get("traceparent"))
         return await _generate(rt, request, "/v1/completions")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
+        traceparents.append(request.headers.get("traceparent"))
         return await _generate(rt, request, "/v1/chat/completions")
+
+    @app.get("/admin/traceparents")
+    async def seen_traceparents() -> Response:
+        return _json(list(traceparents))
 
     @app.get("/v1/models")
     async def models() -> Response:
@@ -394,7 +404,7 @@ async def _complete(rt: PodRuntime, prep: Prepared) -> Response:
             }
         )
     rid = ("chatcmpl-" if prep.chat else "cmpl-") + prep.req.request_id
-    use = wire.usage(sum(prep.prompt_tokens), completion_tokens)
+    use = wire.usage(sum(prep.prompt_tokens), completion_tokens, _cached_tokens(rt, prep))
     build = wire.chat_body if prep.chat else wire.completion_body
     return _json(build(rid, prep.created, prep.req.model, choices, use, ktp))
 
@@ -443,14 +453,32 @@ async def _stream(rt: PodRuntime, prep: Prepared) -> AsyncIterator[bytes]:
             job.changed.clear()
         rt.finish_job(prep)
         if prep.include_usage:
+            cached = _cached_tokens(rt, prep)
             yield wire.sse(
-                wire.usage_chunk(rid, created, model, prep.chat, prompt_total, sent_total)
+                wire.usage_chunk(rid, created, model, prep.chat, prompt_total, sent_total, cached)
             )
         yield wire.DONE
         completed = True
     finally:
         if not completed:
             rt.abandon(prep)
+
+
+def _cached_tokens(rt: PodRuntime, prep: Prepared) -> int | None:
+    """vLLM's `num_cached_tokens` of the request, for its usage: the prompt tokens found
+    computed when it was first scheduled (its local prefix-cache hit plus KV pulled from a
+    prefill pod), once per prompt (its `n` choices share it). None unless the pod runs with
+    `enable_prompt_tokens_details`."""
+    if not rt.settings.enable_prompt_tokens_details:
+        return None
+    gens = prep.job.generations
+    per_prompt = max(1, len(gens) // max(1, len(prep.prompt_tokens)))
+    total = 0
+    for gen in gens[::per_prompt]:
+        fin = gen.finished
+        if fin is not None:
+            total += min(fin.prompt_tokens, fin.cached_tokens + fin.transferred_tokens)
+    return total
 
 
 def _token_chunk(

@@ -121,6 +121,11 @@ def add_pod_arguments(p: argparse.ArgumentParser, *, fleet: bool = False) -> Non
         "--tokenizer)",
     )
     p.add_argument("--max-model-len", type=int, default=d.max_model_len)
+    p.add_argument(
+        "--enable-prompt-tokens-details",
+        action="store_true",
+        help="usage reports prompt_tokens_details.cached_tokens (vLLM's flag; off by default)",
+    )
     p.add_argument("--num-gpu-blocks", type=int, help="override the profile's KV block count")
     p.add_argument(
         "--block-size", type=int, help="tokens per KV block (vLLM's flag; default: the profile's)"

@@ -67,6 +67,10 @@ class EmulatorSettings:
     #: None = the one beside `tokenizer`, if any.
     chat_template: str | None = None
     max_model_len: int = 131_072
+    #: vLLM's --enable-prompt-tokens-details: usage carries `prompt_tokens_details:
+    #: {cached_tokens}` when the engine found some of the prompt cached (left out when none
+    #: was). Off by default, as in vLLM: usage then has `"prompt_tokens_details": null`.
+    enable_prompt_tokens_details: bool = False
     #: Engine overrides (None = the profile's / vLLM's default).
     num_gpu_blocks: int | None = None
     #: Tokens per KV block (vLLM's --block-size; None = the profile's).

@@ -34,22 +34,34 @@ def sse(obj: dict[str, Any]) -> bytes:
 SYSTEM_FINGERPRINT = "vllm-0.32.0-kvroute"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+def usage(
+    prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None
+) -> dict[str, Any]:
+    """`cached_tokens`: the engine's `num_cached_tokens`, None without
+    `enable_prompt_tokens_details` (vLLM sets the details only when it is on and the count is
+    above 0; otherwise they stay null)."""
     return {
         "prompt_tokens": prompt_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
         "completion_tokens": completion_tokens,
-        "prompt_tokens_details": None,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens} if cached_tokens else None,
         "completion_tokens_details": None,
     }
 
 
-def stream_usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-    return {
+def stream_usage(
+    prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None
+) -> dict[str, Any]:
+    """The usage of SSE chunks: vLLM serializes them without unset fields, so the details
+    appear only when set (as `usage`'s)."""
+    out: dict[str, Any] = {
         "prompt_tokens": prompt_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
         "completion_tokens": completion_tokens,
     }
+    if cached_tokens:
+        out["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    return out
 
 
 def completion_chunk(
@@ -129,7 +141,13 @@ def chat_chunk(
 
 
 def usage_chunk(
-    rid: str, created: int, model: str, chat: bool, prompt_tokens: int, completion_tokens: int
+    rid: str,
+    created: int,
+    model: str,
+    chat: bool,
+    prompt_tokens: int,
+    completion_tokens: int,
+    cached_tokens: int | None = None,
 ) -> dict[str, Any]:
     return {
         "id": rid,
@@ -137,7 +155,7 @@ def usage_chunk(
         "created": created,
         "model": model,
         "choices": [],
-        "usage": stream_usage(prompt_tokens, completion_tokens),
+        "usage": stream_usage(prompt_tokens, completion_tokens, cached_tokens),
         "system_fingerprint": SYSTEM_FINGERPRINT,
     }
 

@@ -25,25 +25,29 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 
 from router.config import RouterConfig
+from router.face_metrics import time_plugins
 from router.feeds import FleetFeeds
 from router.gc_heap import freeze_startup_heap
 from router.index import BlockIndex
+from router.loop_lag import LoopLagCollector
 from router.pods import PodRegistry
 from router.proxy.errors import UpstreamFailure, error_headers, error_json
 from router.proxy.forward import Forwarder
 from router.proxy.health import HealthProber
 from router.proxy.metrics import ProxyMetrics
+from router.proxy.observe import build_forwarder
 from router.proxy.relay import Receive, Scope, Send, send_error
 from router.proxy.settings import ProxySettings
 from router.proxy.upstream import Upstream
 from router.request import ChatTemplate, RequestError, path_action
 from router.scheduler import Scheduler
+from router.shadow_metrics import ShadowCollector
 
 log = logging.getLogger(__name__)
 
 #: The router's own endpoints (never forwarded); every other path follows the request
 #: path policy (`router.request.path_action`): routed paths go to a pod, the rest get 404.
-CONTROL_PATHS = frozenset({"/health", "/ready", "/metrics", "/debug/pods"})
+CONTROL_PATHS = frozenset({"/health", "/ready", "/metrics", "/debug/pods", "/debug/reuse"})
 _CLOSE = ((b"connection", b"close"),)
 
 
@@ -58,12 +62,16 @@ class ProxyApp:
         chat_template: ChatTemplate | None = None,
         config_path: str | Path | None = None,
         freeze_heap: bool = False,
+        tracing: Any = None,
     ) -> None:
-        """`config_path`: re-read its `pods:` when the file changes (static discovery).
+        """`config_path`: re-read its `pods:` when the file changes (static discovery), and
+        the rest of it on SIGHUP or a change (`router.config_reload`).
         `chat_template`: renders chat prompts; default: the one beside the configured
         tokenizer (as every face and the emulator find it), else a plain rendering.
         `freeze_heap`: once started, take what start-up loaded out of the garbage
-        collector's passes (`router.gc_heap`); for a process that is only this proxy."""
+        collector's passes (`router.gc_heap`); for a process that is only this proxy.
+        `tracing`: a `router.tracing.RequestTracing` to use (tests); default: the config's
+        `tracing:` section (None when it is off)."""
         self.config = config
         self._freeze_heap = freeze_heap
         self.settings = settings or ProxySettings()
@@ -72,9 +80,15 @@ class ProxyApp:
             chat_template = ChatTemplate.beside_tokenizer(config.blocks.tokenizer_path)
         self.chat_template = chat_template
         self.feeds = FleetFeeds(config, registry, config_path)
-        self.metrics.registry.register(self.feeds)  # per-pod KV-event feed gauges
+        # Pool gauges, feed counters, per-pod KV-event gauges, scraped prefix-cache hits.
+        self.metrics.face.watch_feeds(self.feeds)
+        self.loop_lag = LoopLagCollector("proxy")
+        self.metrics.registry.register(self.loop_lag)
         self.registry = self.feeds.registry
-        self.scheduler = Scheduler(config, self.registry, precise_index=self.feeds.precise_index)
+        #: OpenTelemetry spans (`router.tracing`); None = off: nothing is wrapped.
+        self.tracing = tracing if tracing is not None else _tracing(config)
+        self.scheduler = self.build_scheduler(config)
+        self.metrics.registry.register(ShadowCollector(lambda: self.scheduler.shadows))
         self.shared_state = _shared_state(config, self.scheduler)
         if self.shared_state is not None:
             self.metrics.watch_shared_state(self.shared_state)
@@ -84,7 +98,12 @@ class ProxyApp:
         self._models_cache: tuple[float, list[dict[str, Any]]] = (float("-inf"), [])
         #: HTTP requests open now (each holds a client connection): `max_connections`.
         self._open = 0
+        self.metrics.face.open_requests.set_function(lambda: self._open)
         self.api = self._build_api()
+        #: Applies the config file again on SIGHUP or a change; None without a file.
+        self.reloader = _reloader(self, config_path)
+        if self.reloader is not None:
+            self.metrics.registry.register(self.reloader)
 
     # ------------------------------------------------------------------ ASGI
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -111,6 +130,7 @@ class ProxyApp:
         try:
             action = path_action(scope["method"], scope["path"], self.config.request)
         except RequestError as err:
+            self.metrics.face.refused("-", err.code)
             await send_error(send, err)
             return
         if action == "route" and self.forwarder is not None:
@@ -128,25 +148,26 @@ class ProxyApp:
 
     async def start(self) -> None:
         self.upstream = Upstream(self.settings)
+        if self.tracing is not None:
+            self.tracing.trace_upstream(self.upstream)
         self.prober = HealthProber(self.registry, self.upstream, self.settings, self.metrics)
         self.prober.start()
+        self.loop_lag.start(asyncio.get_running_loop())
         await self.feeds.start()
         if self.shared_state is not None:
             await self.shared_state.start()
-        adapters = frozenset().union(*(p.adapters for p in self.registry.all()))
-        self.forwarder = Forwarder(
-            self.scheduler,
-            self.upstream,
-            self.settings,
-            self.metrics,
-            self.prober,
-            self.chat_template,
-            adapters,
+        self.forwarder = build_forwarder(
+            self, self.scheduler, self.settings, self.config.logging.access_log
         )
+        if self.reloader is not None:
+            await self.reloader.start()  # after static discovery's: it takes over SIGHUP
         if self._freeze_heap:
             freeze_startup_heap()
 
     async def stop(self) -> None:
+        if self.reloader is not None:
+            await self.reloader.stop()
+        self.loop_lag.stop()
         if self.forwarder is not None:
             self.forwarder.tokenize.close()
         self.forwarder = None
@@ -158,6 +179,23 @@ class ProxyApp:
         if self.upstream is not None:
             await self.upstream.close()
             self.upstream = None
+
+    def build_scheduler(self, config: RouterConfig, previous: Scheduler | None = None) -> Scheduler:
+        """The scheduler for `config`, built alike at start-up and on a reload (`previous`:
+        the one it replaces; its keyer, approximate index and shared-state observer go on)."""
+        sched = Scheduler(
+            config,
+            self.registry,
+            precise_index=self.feeds.precise_index,
+            keyer=previous.keyer if previous is not None else None,
+            approx_index=previous.approx_index if previous is not None else None,
+        )
+        if previous is not None:
+            sched.observer = previous.observer
+        time_plugins(sched, self.metrics.face)
+        if self.tracing is not None:
+            self.tracing.trace_scheduler(sched)
+        return sched
 
     # ------------------------------------------------------------------ control endpoints
     def _build_api(self) -> FastAPI:
@@ -192,6 +230,10 @@ class ProxyApp:
         @api.get("/debug/pods")
         async def debug_pods() -> dict[str, Any]:
             return {"pods": self.pod_report()}
+
+        @api.get("/debug/reuse")
+        async def debug_reuse() -> dict[str, Any]:
+            return self.metrics.face.reuse.report()
 
         @api.api_route("/v1/models", methods=["GET", "HEAD"])
         async def models() -> dict[str, Any]:
@@ -241,6 +283,7 @@ class ProxyApp:
                     },
                     "inflight_requests": p.inflight_requests,
                     "inflight_prefill_tokens": p.inflight_prefill_tokens,
+                    "inflight_prefilling": p.inflight_prefilling,
                     "index_blocks": sizes.get(p.endpoint, 0),
                     "kv_events": self.feeds.feed_report(p.endpoint),
                 }
@@ -286,6 +329,30 @@ class ProxyApp:
         return data if isinstance(data, list) else []
 
 
+def _tracing(config: RouterConfig) -> Any:
+    """The config's `RequestTracing`, or None when tracing is off (nothing imported)."""
+    from router.ops_settings import make_tracing
+
+    return make_tracing(config.tracing, "kvroute-proxy")
+
+
+def _reloader(app: ProxyApp, config_path: str | Path | None) -> Any:
+    """The `ConfigReloader` of `config_path` applying to `app`, or None without a file."""
+    if config_path is None:
+        return None
+    from router.config_reload import ConfigReloader
+    from router.proxy.reload import PROXY_LIVE_FIELDS, apply_proxy_reload
+
+    discovery = app.feeds.discovery
+    return ConfigReloader(
+        config_path,
+        app.config,
+        lambda config, change: apply_proxy_reload(app, config, change),
+        live_fields=PROXY_LIVE_FIELDS,
+        on_sighup=getattr(discovery, "reload", None),
+    )
+
+
 def _shared_state(config: RouterConfig, scheduler: Scheduler) -> Any:
     """The `RedisSync` of the config's `shared_state:` section, or None without one."""
     if config.shared_state is None:
@@ -315,6 +382,9 @@ def uvicorn_config(app: Any, host: str, port: int, access_log: bool = False) -> 
         lifespan="on",
         access_log=access_log,
         log_level="warning",
+        # uvicorn's lines go through the process's logging set-up (router.log_setup: its
+        # format, JSON included), not handlers of uvicorn's own.
+        log_config=None,
         # We are the edge of our own hop: no X-Forwarded-* rewriting, no Server/Date headers.
         proxy_headers=False,
         server_header=False,

@@ -8,11 +8,13 @@ import argparse
 import dataclasses
 import logging
 import os
+import signal
 import sys
 
 import uvloop
 
 from router.config import ConfigError, load_config
+from router.log_setup import apply_logging
 from router.proxy.app import ProxyApp, serve
 from router.proxy.workers import (
     Supervisor,
@@ -51,7 +53,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "worker routes on its own state (prefix index, in-flight counts) and cache affinity "
         "drops as N grows",
     )
-    p.add_argument("--log-level", default="info")
+    p.add_argument(
+        "--log-level", default=None, help="debug, info, ... (default: the config's logging.level)"
+    )
     # Set by the supervisor for its workers: serve the inherited listening socket FD.
     p.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=run)
@@ -60,7 +64,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def _worker_argv(args: argparse.Namespace, host: str, port: int) -> list[str]:
     """The argv (after the program name) each worker runs: this command minus --workers."""
     argv = ["proxy", "--config", os.path.abspath(args.config), "--host", host]
-    argv += ["--port", str(port), "--log-level", args.log_level]
+    argv += ["--port", str(port)]
+    if args.log_level is not None:
+        argv += ["--log-level", args.log_level]
     if args.profile is not None:
         argv += ["--profile", args.profile]
     if args.chat_template is not None:
@@ -69,11 +75,16 @@ def _worker_argv(args: argparse.Namespace, host: str, port: int) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per scrape otherwise
     try:
         config = load_config(args.config)
     except ConfigError as e:
+        print(f"kvroute proxy: {e}", file=sys.stderr)
+        return 2
+    try:
+        # A worker's lines say which worker wrote them (each logs its own state changes).
+        tag = f"worker pid {os.getpid()}" if args.listen_fd is not None else None
+        apply_logging(config.logging, args.log_level, tag=tag)
+    except ValueError as e:
         print(f"kvroute proxy: {e}", file=sys.stderr)
         return 2
     settings = config.proxy
@@ -94,9 +105,15 @@ def run(args: argparse.Namespace) -> int:
     template = (
         ChatTemplate.from_tokenizer_config(args.chat_template) if args.chat_template else None
     )
-    app = ProxyApp(
-        config, settings, chat_template=template, config_path=args.config, freeze_heap=True
-    )
+    try:
+        app = ProxyApp(
+            config, settings, chat_template=template, config_path=args.config, freeze_heap=True
+        )
+    except ValueError as e:  # e.g. tracing on without the OpenTelemetry packages
+        print(f"kvroute proxy: {e}", file=sys.stderr)
+        return 2
+    if app.reloader is not None:
+        app.reloader.log_level_override = args.log_level  # the command line wins
     if args.listen_fd is None:
         uvloop.run(serve(app, settings.host, settings.port, settings.access_log))
     else:
@@ -123,4 +140,13 @@ def _supervise(args: argparse.Namespace, config: object, host: str, port: int) -
             args.config,
         )
     log.info("serving on %s:%d with %d workers", host, port, args.workers)
-    return Supervisor(args.workers, sock, _worker_argv(args, host, port)).run()
+    supervisor = Supervisor(args.workers, sock, _worker_argv(args, host, port))
+
+    def forward_sighup(_sig: int, _frame: object) -> None:
+        # The supervisor holds no config of its own: each worker reloads it.
+        for w in supervisor.workers:
+            if w.proc is not None and w.proc.poll() is None:
+                w.proc.send_signal(signal.SIGHUP)
+
+    signal.signal(signal.SIGHUP, forward_sighup)
+    return supervisor.run()

@@ -88,6 +88,8 @@ class Forwarder:
         self._models: tuple[int, set[str]] = (-1, set())
         self._inflight: dict[str, Any] = {}
         self._decision_header = settings.decision_header.lower().encode()
+        #: `router.request.parse_request`, or a traced stand-in (`router.tracing`).
+        self.parse = parse_request
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         arrival = time.perf_counter()
@@ -101,7 +103,7 @@ class Forwarder:
             )
             headers: list[tuple[bytes, bytes]] = scope["headers"]
             hdrs = {k.decode("latin-1"): v.decode("latin-1") for k, v in headers}
-            req = parse_request(
+            req = self.parse(
                 raw,
                 path,
                 hdrs,
@@ -115,6 +117,7 @@ class Forwarder:
             if stripped:
                 for name in stripped:
                     self.metrics.stripped_fields.labels(name).inc()
+                    self.metrics.face.stripped(name)
                 raw = _encode(req.body)
             model = req.model if req.model in self._known_models() else "other"
             debug = hdrs.get(self._debug_header) == "1"
@@ -130,6 +133,7 @@ class Forwarder:
                 self.admission.release(model)
         except RequestError as err:
             status = err.status
+            self.metrics.face.refused("-" if model == "unknown" else model, err.code)
             if err.status in (408, 429):
                 self.metrics.rejected.labels(err.code).inc()
             await send_error(send, err, self.settings.retry_after_s)
@@ -188,6 +192,7 @@ class Forwarder:
             decision = sched.schedule(req, self.settings.profile)
         self.metrics.schedule_seconds.observe(time.perf_counter() - t0)
         sched.on_pick(decision)
+        self.metrics.face.routed(decision, len(raw))
         attempt = _Attempt(decision, decision.target)
         try:
             return await self._forward(
@@ -196,6 +201,7 @@ class Forwarder:
         except asyncio.CancelledError:
             # The client left: the pod's work ends with the dropped connection.
             sched.on_complete(attempt.decision, None)
+            self.metrics.face.failed(attempt.decision, "client_disconnect")
             raise
 
     async def _forward(
@@ -237,6 +243,7 @@ class Forwarder:
                 retry = f.retryable and answered_5xx < 2
                 nxt = self._retry(attempt, f, retries_left) if retry else None
                 if nxt is None:
+                    self.metrics.face.failed(attempt.decision, f"upstream_{f.kind}")
                     return await self._answer_failure(send, f, extra)
                 retries_left -= 1
                 attempt.decision, attempt.endpoint = nxt.decision, nxt.endpoint
@@ -247,6 +254,12 @@ class Forwarder:
             extra[0] = (self._decision_header, _decision_summary(attempt.decision))
         d = attempt.decision
         self.metrics.ttft.observe(time.perf_counter() - arrival)
+        face = self.metrics.face
+
+        def first_token() -> None:
+            sched.on_first_token(d)
+            face.first_token(d, time.perf_counter() - arrival)
+
         try:
             if req.stream and opened.status == 200:
                 result: Delivered = await deliver_stream(
@@ -255,22 +268,25 @@ class Forwarder:
                     deadline,
                     extra,
                     watch,
-                    lambda: sched.on_first_token(d),
+                    first_token,
                     self.settings.stream_idle_timeout_s,
                 )
             else:
-                sched.on_first_token(d)
+                first_token()
                 result = await deliver_full(opened, send, deadline, extra, watch)
         except BrokenStream as f:
             # The client saw a 200 and then an error event: counted as such, apart.
             self._pod_failed(d, f)
             self.metrics.stream_errors.labels(_STREAM_ERROR_REASONS.get(f.kind, f.kind)).inc()
+            face.failed(d, f"upstream_{f.kind}")
             log.info("stream of %s broken: %s", req.request_id, f)
             return 200
         except UpstreamFailure as f:
             self._pod_failed(d, f)
+            face.failed(d, f"upstream_{f.kind}")
             return await self._answer_failure(send, f, extra)
         sched.on_complete(d, result.usage)
+        face.completed(d, result.usage, time.perf_counter() - arrival, None, attempt.endpoint)
         return result.status
 
     async def _prefill(
@@ -375,4 +391,5 @@ def _decision_summary(d: Decision, top: int = 3) -> bytes:
                 for s in pods
             ],
         }
+        | ({"shadows": d.shadow_report()} if d.shadows else {})
     )

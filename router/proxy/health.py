@@ -115,10 +115,14 @@ class HealthProber:
     def eject(self, endpoint: str, reason: str) -> None:
         """Take the pod out of routing until its health check passes (and, for an outlier
         ejection, its ejection time is over)."""
-        if endpoint not in self.registry:
+        pod = self.registry.get(endpoint)
+        if pod is None:
             return
         if endpoint not in self.ejected:
-            log.warning("pod %s ejected: %s", endpoint, reason)
+            # One line per state change: a pod the scraper marked unhealthy already is out of
+            # routing, and its line said so.
+            level = logging.WARNING if pod.healthy else logging.DEBUG
+            log.log(level, "pod %s ejected: %s", endpoint, reason)
         self.ejected.add(endpoint)
         self.registry.set_health(endpoint, False)
         if self.metrics is not None:

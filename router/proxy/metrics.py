@@ -1,4 +1,9 @@
-"""The proxy's own Prometheus metrics (`/metrics` of `kvroute proxy` and `kvroute sidecar`).
+"""The proxy's Prometheus metrics (`/metrics` of `kvroute proxy` and `kvroute sidecar`).
+
+The `kvroute_*` families every face exports (`self.face`, a `router.face_metrics.FaceMetrics`
+on the same registry: the same names and meanings as `kvroute serve`'s, so one dashboard reads
+both), plus the proxy's own `kvroute_proxy_*` families (status codes, retries, upstream
+failures, P/D legs, ...; the sidecar names them `kvroute_sidecar_*`).
 
 One `CollectorRegistry` per proxy instance, so several proxies in one process (tests) do not
 collide. Label children on the hot path are cached so a request costs dict lookups, not
@@ -7,11 +12,9 @@ collide. Label children on the hot path are cached so a request costs dict looku
 
 from __future__ import annotations
 
-from typing import Any
+from prometheus_client import Counter, Gauge, Histogram, generate_latest
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-
-from router.tokenize_worker import TOKENIZE_BUCKETS
+from router.face_metrics import FaceMetrics
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _SCHEDULE_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2)
@@ -19,7 +22,8 @@ _SCHEDULE_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3,
 
 class ProxyMetrics:
     def __init__(self, prefix: str = "kvroute_proxy") -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+        self.face = FaceMetrics("proxy")
+        self.registry = self.face.registry
         r = self.registry
         self.requests = Counter(
             f"{prefix}_requests",
@@ -97,13 +101,8 @@ class ProxyMetrics:
             buckets=_SCHEDULE_BUCKETS,
             registry=r,
         )
-        #: Named as in the picker (no proxy prefix): the same histogram in both faces.
-        self.tokenize_seconds = Histogram(
-            "kvroute_tokenize_duration_seconds",
-            "Time spent tokenizing and keying a prompt (not in the schedule time).",
-            buckets=TOKENIZE_BUCKETS,
-            registry=r,
-        )
+        #: The shared `kvroute_tokenize_duration_seconds`.
+        self.tokenize_seconds = self.face.tokenize_duration
         self._requests: dict[tuple[str, int], Counter] = {}
 
     def count_request(self, model: str, status: int) -> None:
@@ -113,11 +112,8 @@ class ProxyMetrics:
             child = self._requests[key] = self.requests.labels(model, str(status))
         child.inc()
 
-    def watch_shared_state(self, sync: Any) -> None:
-        """Export `kvroute_shared_state_*` (up, lag, errors) of a `RedisSync`."""
-        from router.shared_state.metrics import SharedStateCollector
-
-        self.registry.register(SharedStateCollector(sync))
+    def watch_shared_state(self, sync: object) -> None:
+        self.face.watch_shared_state(sync)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

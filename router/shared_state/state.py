@@ -22,16 +22,17 @@ from dataclasses import dataclass, field
 from router.pods import Pod
 from router.scheduler import Scheduler
 from router.shared_state.settings import SharedStateSettings
-from router.shared_state.wire import Batch, KeysOp, Snapshot
+from router.shared_state.wire import Batch, Charge, KeysOp, Snapshot, charge_of
 
 _INDEXED, _UNINDEXED, _PENDING = 0, 1, 2
+_ZERO: Charge = (0, 0, 0)
 
 
 @dataclass(slots=True)
 class _Remote:
     """What one other replica has in flight, per pod, and when we last heard of it."""
 
-    charges: dict[str, tuple[int, int]] = field(default_factory=dict)
+    charges: dict[str, Charge] = field(default_factory=dict)
     #: Pod → the sender's `seq` of the total we hold (older totals are ignored).
     seqs: dict[str, int] = field(default_factory=dict)
     #: Newest snapshot `seq` applied (a pod absent from it is zero as of then).
@@ -53,7 +54,7 @@ class SharedState:
         self.settings = settings
         self.clock = clock
         self.wall = wall
-        #: This replica's own in-flight totals per pod (requests, tokens).
+        #: This replica's own in-flight totals per pod (requests, tokens, prefilling).
         self.own: dict[str, list[int]] = {}
         self.seq = 0
         self._ops: deque[tuple[int, str, Sequence[int]]] = deque(maxlen=settings.backlog_max)
@@ -63,16 +64,17 @@ class SharedState:
         #: Called when a change is queued (the transport's wake-up); None = nobody listens.
         self.on_change: Callable[[], None] | None = None
         self.remote: dict[str, _Remote] = {}
-        #: Pod → (pod object, requests, tokens) of the remote totals folded into it.
-        self._applied: dict[str, tuple[Pod | None, int, int]] = {}
+        #: Pod → (pod object, remote totals) folded into it.
+        self._applied: dict[str, tuple[Pod | None, Charge]] = {}
 
     # ------------------------------------------------------------------ StateObserver
-    def charged(self, pod: str, requests: int, tokens: int) -> None:
+    def charged(self, pod: str, requests: int, tokens: int, prefilling: int = 0) -> None:
         tot = self.own.get(pod)
         if tot is None:
-            tot = self.own[pod] = [0, 0]
+            tot = self.own[pod] = [0, 0, 0]
         tot[0] = max(0, tot[0] + requests)
         tot[1] = max(0, tot[1] + tokens)
+        tot[2] = max(0, tot[2] + prefilling)
         self.seq += 1
         self._dirty.add(pod)
         self._changed()
@@ -127,12 +129,12 @@ class SharedState:
         self._dirty.update(batch.charges)
 
     def snapshot(self) -> Snapshot:
-        charges = {pod: (t[0], t[1]) for pod, t in self.own.items() if t[0] or t[1]}
+        charges = {pod: (t[0], t[1], t[2]) for pod, t in self.own.items() if any(t)}
         return Snapshot(self.replica_id, self.seq, self.wall(), charges)
 
-    def _total(self, pod: str) -> tuple[int, int]:
+    def _total(self, pod: str) -> Charge:
         t = self.own.get(pod)
-        return (t[0], t[1]) if t is not None else (0, 0)
+        return (t[0], t[1], t[2]) if t is not None else _ZERO
 
     # ------------------------------------------------------------------ applying
     def apply_batch(self, batch: Batch) -> bool:
@@ -161,7 +163,7 @@ class SharedState:
             for pod, total in batch.charges.items():
                 if batch.seq > remote.seqs.get(pod, 0) and batch.seq > remote.snapshot_seq:
                     remote.seqs[pod] = batch.seq
-                    self._set_charge(remote, pod, total)
+                    self._set_charge(remote, pod, charge_of(total))
         return True
 
     def apply_snapshot(self, snap: Snapshot, age_s: float = 0.0) -> None:
@@ -175,7 +177,7 @@ class SharedState:
             for pod in set(remote.charges) | set(snap.charges):
                 if snap.seq > remote.seqs.get(pod, 0):
                     remote.seqs[pod] = snap.seq
-                    self._set_charge(remote, pod, snap.charges.get(pod, (0, 0)))
+                    self._set_charge(remote, pod, charge_of(snap.charges.get(pod, _ZERO)))
 
     def expire(self) -> list[str]:
         """Drop the charges of replicas not heard from for `lease_s`; returns their ids."""
@@ -184,18 +186,20 @@ class SharedState:
         for rid in gone:
             remote = self.remote.pop(rid)
             for pod in list(remote.charges):
-                self._set_charge(remote, pod, (0, 0))
+                self._set_charge(remote, pod, _ZERO)
         return gone
 
-    def remote_charges(self, pod: str) -> tuple[int, int]:
-        """The other replicas' in-flight (requests, tokens) on `pod`, as applied here."""
-        r = t = 0
+    def remote_charges(self, pod: str) -> Charge:
+        """The other replicas' in-flight (requests, tokens, prefilling) on `pod`, as applied
+        here."""
+        r = t = f = 0
         for remote in self.remote.values():
             c = remote.charges.get(pod)
             if c is not None:
                 r += c[0]
                 t += c[1]
-        return r, t
+                f += c[2]
+        return r, t, f
 
     def _remote(self, replica: str, heard_at: float | None = None) -> _Remote:
         at = self.clock() if heard_at is None else heard_at
@@ -205,9 +209,9 @@ class SharedState:
         remote.last_heard = max(remote.last_heard, at)
         return remote
 
-    def _set_charge(self, remote: _Remote, pod: str, total: tuple[int, int]) -> None:
-        if total[0] or total[1]:
-            remote.charges[pod] = (total[0], total[1])
+    def _set_charge(self, remote: _Remote, pod: str, total: Charge) -> None:
+        if any(total):
+            remote.charges[pod] = total
         else:
             remote.charges.pop(pod, None)
         self._fold(pod)
@@ -215,13 +219,15 @@ class SharedState:
     def _fold(self, pod: str) -> None:
         """Make `pod`'s in-flight counts carry the remote totals now held (the delta against
         what was folded in before, unless the pod was replaced meanwhile)."""
-        want_r, want_t = self.remote_charges(pod)
+        want = self.remote_charges(pod)
         obj = self.scheduler.registry.get(pod)
         prev = self._applied.get(pod)
-        have_r, have_t = (prev[1], prev[2]) if prev is not None and prev[0] is obj else (0, 0)
-        if obj is not None and (want_r != have_r or want_t != have_t):
-            self.scheduler.add_remote_inflight(pod, want_r - have_r, want_t - have_t)
-        if want_r or want_t:
-            self._applied[pod] = (obj, want_r, want_t)
+        have = prev[1] if prev is not None and prev[0] is obj else _ZERO
+        if obj is not None and want != have:
+            self.scheduler.add_remote_inflight(
+                pod, want[0] - have[0], want[1] - have[1], want[2] - have[2]
+            )
+        if any(want):
+            self._applied[pod] = (obj, want)
         else:
             self._applied.pop(pod, None)

@@ -31,9 +31,9 @@ class Batch(msgspec.Struct, array_like=True, frozen=True):
     unindexed: list[KeysOp] = []
     #: Precise-index speculative (pending) inserts.
     pending: list[KeysOp] = []
-    #: Pod → (requests, uncached prefill tokens) the sender has in flight there now, for the
-    #: pods whose totals changed.
-    charges: dict[str, tuple[int, int]] = {}
+    #: Pod → the sender's in-flight totals there now (`Charge`), for the pods whose totals
+    #: changed.
+    charges: dict[str, tuple[int, ...]] = {}
 
 
 class Snapshot(msgspec.Struct, array_like=True, frozen=True):
@@ -42,7 +42,18 @@ class Snapshot(msgspec.Struct, array_like=True, frozen=True):
     replica: str
     seq: int
     sent_at: float
-    charges: dict[str, tuple[int, int]] = {}
+    charges: dict[str, tuple[int, ...]] = {}
+
+
+#: In-flight totals on one pod: (requests, uncached prefill tokens, requests that have not
+#: reached their first token). A replica of an older release sends the first two only.
+Charge = tuple[int, int, int]
+
+
+def charge_of(total: tuple[int, ...]) -> Charge:
+    """A received total as a `Charge` (missing trailing counts are 0)."""
+    padded = (*total[:3], 0, 0, 0)
+    return (padded[0], padded[1], padded[2])
 
 
 _enc = msgspec.msgpack.Encoder()

@@ -125,6 +125,11 @@ def test_non_finite_load_values_are_skipped_not_a_crash(text: str) -> None:
             parse_vllm_metrics(text, now=1.0)
 
 
+def test_counts_whose_sum_overflows_are_held_to_a_bound() -> None:
+    text = "vllm:num_requests_running 1e308\nvllm:num_requests_running 1e308"
+    assert parse_vllm_metrics(text, now=1.0).running == 10**9
+
+
 def test_negative_counts_are_clamped_to_zero() -> None:
     snap = parse_vllm_metrics("vllm:num_requests_running -3\nvllm:num_requests_waiting -1", now=1.0)
     assert (snap.running, snap.waiting) == (0, 0)

@@ -302,19 +302,24 @@ def test_no_learning_keeps_the_prior() -> None:
 
 
 def test_hooks_balance_the_prefilling_count() -> None:
+    """The pods' count of requests before their first token (the `own` the scorer subtracts
+    from the scraped queue) rises at each pick and falls once per request."""
     sched = scheduler_with("predicted-ttft-scorer")
-    sc = scorer_of(sched)
+
+    def prefilling() -> int:
+        return sum(p.inflight_prefilling for p in sched.registry.all())
+
     decisions = []
     for i in range(5):
         d = sched.schedule(token_request(prefix(300, 7000 * i)))
         sched.on_pick(d, 0.0)
         decisions.append(d)
-    assert sum(sc._prefilling.values()) == 5
+    assert prefilling() == 5
     sched.on_first_token(decisions[0], 0.1)
     sched.on_failure(decisions[1], decisions[1].target, 0.1)
     sched.on_complete(decisions[2], None, 0.2)  # completion without a first token seen
     sched.on_complete(decisions[0], None, 0.3)  # already closed: counted once
-    assert sum(sc._prefilling.values()) == 2
+    assert prefilling() == 2
 
 
 @pytest.mark.parametrize(

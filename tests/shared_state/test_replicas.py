@@ -19,6 +19,7 @@ from router.index import BlockIndex
 from router.request import RoutingRequest
 from router.scheduler import Scheduler
 from router.shared_state.redis_sync import RedisSync
+from router.shared_state.wire import Batch, charge_of, decode_batch, encode
 from tests.shared_state.conftest import RedisServer, replica_config, wait_for
 
 PODS = ["127.0.0.1:9101", "127.0.0.1:9102", "127.0.0.1:9103"]
@@ -46,9 +47,11 @@ async def replica(
         await sync.stop()
 
 
-def inflight(sched: Scheduler) -> dict[str, tuple[int, int]]:
+def inflight(sched: Scheduler) -> dict[str, tuple[int, int, int]]:
+    """Pod → (requests, uncached prefill tokens, requests before their first token)."""
     return {
-        p.endpoint: (p.inflight_requests, p.inflight_prefill_tokens) for p in sched.registry.all()
+        p.endpoint: (p.inflight_requests, p.inflight_prefill_tokens, p.inflight_prefilling)
+        for p in sched.registry.all()
     }
 
 
@@ -66,7 +69,7 @@ async def test_picks_and_charges_reach_the_other_replica(redis: RedisServer, pre
             "the pick in the other replica's approximate index",
         )
         await wait_for(
-            lambda: inflight(b)[d.target] == (1, d.uncached_tokens),
+            lambda: inflight(b)[d.target] == (1, d.uncached_tokens, 1),
             APPLY_BOUND_S,
             "the charge in the other replica",
         )
@@ -78,11 +81,11 @@ async def test_picks_and_charges_reach_the_other_replica(redis: RedisServer, pre
             == d.target
         )
         a.on_first_token(d)
-        await wait_for(lambda: inflight(b)[d.target] == (1, 0), APPLY_BOUND_S, "prefill release")
+        await wait_for(lambda: inflight(b)[d.target] == (1, 0, 0), APPLY_BOUND_S, "prefill release")
         a.on_complete(d)
-        await wait_for(lambda: inflight(b)[d.target] == (0, 0), APPLY_BOUND_S, "completion")
+        await wait_for(lambda: inflight(b)[d.target] == (0, 0, 0), APPLY_BOUND_S, "completion")
         # Both replicas' own accounting is intact: A counted nothing of B's, B nothing twice.
-        assert inflight(a)[d.target] == (0, 0)
+        assert inflight(a)[d.target] == (0, 0, 0)
         assert sync_a.lag_s == 0.0  # A applied nothing: the only batches were its own
         print(f"pick applied in the other replica after {took * 1000:.1f} ms")
 
@@ -108,7 +111,7 @@ async def test_charges_of_both_replicas_add_up(redis: RedisServer, prefix: str) 
         for d in db:
             b.on_failure(d, d.target)
         await wait_for(
-            lambda: all(v == (0, 0) for s in (a, b) for v in inflight(s).values()),
+            lambda: all(v == (0, 0, 0) for s in (a, b) for v in inflight(s).values()),
             APPLY_BOUND_S,
             "every charge released in both replicas",
         )
@@ -197,7 +200,7 @@ async def test_a_killed_replicas_charges_expire_within_the_lease(
             proc.send_signal(signal.SIGKILL)
             proc.wait(5)
             took = await wait_for(
-                lambda: all(v == (0, 0) for v in inflight(b).values()),
+                lambda: all(v == (0, 0, 0) for v in inflight(b).values()),
                 lease_s + 1.0,
                 "the killed replica's charges expired",
             )
@@ -208,3 +211,11 @@ async def test_a_killed_replicas_charges_expire_within_the_lease(
         assert took <= lease_s + 0.5  # lease + one heartbeat tick of slack
         assert sync_b.replicas == 0
         print(f"charges of the SIGKILLed replica gone {took:.2f} s after the kill")
+
+
+def test_a_two_count_charge_of_an_older_replica_reads_as_no_prefilling() -> None:
+    """Replicas of the previous release send (requests, tokens): a rolling upgrade keeps
+    applying their charges, with none of their requests counted as before-first-token."""
+    old = Batch("old-replica", 3, 0.0, charges={PODS[0]: (2, 512)})
+    assert charge_of(decode_batch(encode(old)).charges[PODS[0]]) == (2, 512, 0)
+    assert charge_of((1, 2, 3)) == (1, 2, 3)
