@@ -42,10 +42,12 @@ from envoy_extproc.passive_health import PassiveHealth
 from envoy_extproc.servicer import ExternalProcessorServicer, add_to_server
 from envoy_extproc.settings import ExtProcSettings
 from router.config import RouterConfig
+from router.config_reload import face_reloader
 from router.discovery.kubernetes import KubernetesDiscoverySettings
 from router.feeds import FleetFeeds
 from router.gc_heap import freeze_startup_heap
 from router.loop_lag import LoopLagCollector
+from router.ops_settings import make_tracing
 from router.scheduler import Scheduler
 from router.shadow_metrics import ShadowCollector
 
@@ -64,30 +66,6 @@ class BoundPorts:
     health: int
     metrics: int
     kv_events: str | None
-
-
-def _tracing(config: RouterConfig) -> Any:
-    """The config's `RequestTracing`, or None when tracing is off (nothing imported)."""
-    from router.ops_settings import make_tracing
-
-    return make_tracing(config.tracing, "kvroute-picker")
-
-
-def _reloader(server: PickerServer, config_path: str | Path | None) -> Any:
-    """The `ConfigReloader` of `config_path` applying to `server`, or None without a file."""
-    if config_path is None:
-        return None
-    from envoy_extproc.observe import EXTPROC_LIVE_FIELDS, apply_serve_reload
-    from router.config_reload import ConfigReloader
-
-    discovery = server.feeds.discovery
-    return ConfigReloader(
-        config_path,
-        server.config,
-        lambda config, change: apply_serve_reload(server, config, change),
-        live_fields=EXTPROC_LIVE_FIELDS,
-        on_sighup=getattr(discovery, "reload", None),
-    )
 
 
 class PickerServer:
@@ -125,7 +103,9 @@ class PickerServer:
         self.metrics.registry.register(self.loop_lag)
         self.metrics.registry.register(ShadowCollector(lambda: self.scheduler.shadows))
         #: OpenTelemetry spans (`router.tracing`); None = off: nothing is wrapped.
-        self.tracing = tracing if tracing is not None else _tracing(config)
+        self.tracing = (
+            tracing if tracing is not None else make_tracing(config.tracing, "kvroute-picker")
+        )
         self.scheduler = self.build_scheduler(config)
         self.shared_state = None
         if config.shared_state is not None:
@@ -142,7 +122,15 @@ class PickerServer:
         self.picker = build_picker(self, self.scheduler, self.settings, config)
         self.servicer = ExternalProcessorServicer(self.picker)
         #: Applies the config file again on SIGHUP or a change; None without a file.
-        self.reloader = _reloader(self, config_path)
+        from envoy_extproc.observe import EXTPROC_LIVE_FIELDS, apply_serve_reload
+
+        self.reloader = face_reloader(
+            config_path,
+            config,
+            lambda new, change: apply_serve_reload(self, new, change),
+            EXTPROC_LIVE_FIELDS,
+            self.feeds.discovery,
+        )
         if self.reloader is not None:
             self.metrics.registry.register(self.reloader)
         self.health = health_aio.HealthServicer()
@@ -156,6 +144,15 @@ class PickerServer:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> BoundPorts:
+        """Start every part; if one fails to start, stop those already running (the shared
+        state's reader, the feeds, the servers) and raise."""
+        try:
+            return await self._start()
+        except BaseException:
+            await self.stop(0)
+            raise
+
+    async def _start(self) -> BoundPorts:
         s = self.settings
         await self._set_ready(False)
         self._health_server = grpc.aio.server()

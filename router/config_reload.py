@@ -352,3 +352,23 @@ class ConfigReloader:
         )
         info.add_metric([self.hash], 1)
         yield info
+
+
+def face_reloader(
+    config_path: str | Path | None,
+    config: RouterConfig,
+    apply: ApplyFn,
+    live_fields: Collection[str],
+    discovery: Any,
+) -> ConfigReloader | None:
+    """A face's reloader of `config_path` (None without a file): `apply` swaps what the face
+    built from the config; `discovery`'s `reload` (static discovery) also runs on SIGHUP."""
+    if config_path is None:
+        return None
+    return ConfigReloader(
+        config_path,
+        config,
+        apply,
+        live_fields=live_fields,
+        on_sighup=getattr(discovery, "reload", None),
+    )

@@ -25,11 +25,13 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 
 from router.config import RouterConfig
+from router.config_reload import face_reloader
 from router.face_metrics import time_plugins
 from router.feeds import FleetFeeds
 from router.gc_heap import freeze_startup_heap
 from router.index import BlockIndex
 from router.loop_lag import LoopLagCollector
+from router.ops_settings import make_tracing
 from router.pods import PodRegistry
 from router.proxy.errors import UpstreamFailure, error_headers, error_json
 from router.proxy.forward import Forwarder
@@ -86,7 +88,9 @@ class ProxyApp:
         self.metrics.registry.register(self.loop_lag)
         self.registry = self.feeds.registry
         #: OpenTelemetry spans (`router.tracing`); None = off: nothing is wrapped.
-        self.tracing = tracing if tracing is not None else _tracing(config)
+        self.tracing = (
+            tracing if tracing is not None else make_tracing(config.tracing, "kvroute-proxy")
+        )
         self.scheduler = self.build_scheduler(config)
         self.metrics.registry.register(ShadowCollector(lambda: self.scheduler.shadows))
         self.shared_state = _shared_state(config, self.scheduler)
@@ -101,7 +105,15 @@ class ProxyApp:
         self.metrics.face.open_requests.set_function(lambda: self._open)
         self.api = self._build_api()
         #: Applies the config file again on SIGHUP or a change; None without a file.
-        self.reloader = _reloader(self, config_path)
+        from router.proxy.reload import PROXY_LIVE_FIELDS, apply_proxy_reload
+
+        self.reloader = face_reloader(
+            config_path,
+            config,
+            lambda new, change: apply_proxy_reload(self, new, change),
+            PROXY_LIVE_FIELDS,
+            self.feeds.discovery,
+        )
         if self.reloader is not None:
             self.metrics.registry.register(self.reloader)
 
@@ -327,30 +339,6 @@ class ProxyApp:
         except (msgspec.DecodeError, AttributeError):
             return []
         return data if isinstance(data, list) else []
-
-
-def _tracing(config: RouterConfig) -> Any:
-    """The config's `RequestTracing`, or None when tracing is off (nothing imported)."""
-    from router.ops_settings import make_tracing
-
-    return make_tracing(config.tracing, "kvroute-proxy")
-
-
-def _reloader(app: ProxyApp, config_path: str | Path | None) -> Any:
-    """The `ConfigReloader` of `config_path` applying to `app`, or None without a file."""
-    if config_path is None:
-        return None
-    from router.config_reload import ConfigReloader
-    from router.proxy.reload import PROXY_LIVE_FIELDS, apply_proxy_reload
-
-    discovery = app.feeds.discovery
-    return ConfigReloader(
-        config_path,
-        app.config,
-        lambda config, change: apply_proxy_reload(app, config, change),
-        live_fields=PROXY_LIVE_FIELDS,
-        on_sighup=getattr(discovery, "reload", None),
-    )
 
 
 def _shared_state(config: RouterConfig, scheduler: Scheduler) -> Any:

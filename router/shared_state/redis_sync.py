@@ -163,6 +163,13 @@ class RedisSync:
         if stuck:
             with contextlib.suppress(*_STORE_ERRORS):
                 await self._reader.connection_pool.disconnect()
+            _done, stuck = await asyncio.wait(stuck, timeout=2.0)
+        if stuck:
+            # Still blocked (seen under heavy load): close the reader's client outright, so no
+            # task outlives the stop (an event loop closing would wait on it forever).
+            log.warning("shared state: a store read did not end on stop; closing its client")
+            with contextlib.suppress(*_STORE_ERRORS):
+                await self._reader.aclose()
             await asyncio.wait(stuck, timeout=2.0)
         for w in workers:
             if w.done() and not w.cancelled():
