@@ -37,7 +37,7 @@ from tests.real_vllm.conftest import (
     unique_text,
     wait_for,
 )
-from tests.real_vllm.vllm_pods import BLOCK_SIZE, MODEL_NAME, VllmFleet, VllmPod
+from tests.real_vllm.vllm_pods import BLOCK_SIZE, MAX_MODEL_LEN, MODEL_NAME, VllmFleet, VllmPod
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -147,7 +147,10 @@ async def test_engine_killed_mid_stream_client_sees_an_error_next_request_goes_e
         assert r.status_code == 200, r.text
     index = stack.picker.feeds.precise_index
     await wait_for(lambda: index.pod_block_count(victim.endpoint) > 0, 30, "the victim's blocks")
-    long = {**prompt, "max_tokens": 1500, "ignore_eos": True, "stream": True}
+    # As long an answer as the context allows, and the engine killed at the first event: a
+    # tiny model on a CPU writes tokens faster than a loaded client reads them through Envoy,
+    # and a kill that lands after the engine's last token tests nothing.
+    long = {**prompt, "max_tokens": MAX_MODEL_LEN - 400, "ignore_eos": True, "stream": True}
     events: list[str] = []
     error: Exception | None = None
     try:
@@ -157,7 +160,7 @@ async def test_engine_killed_mid_stream_client_sees_an_error_next_request_goes_e
             async for line in resp.aiter_lines():
                 if line.startswith("data:"):
                     events.append(line[5:].strip())
-                    if len(events) == 3:
+                    if len(events) == 1:
                         victim.kill()
     except httpx.HTTPError as exc:  # Envoy resets the downstream stream
         error = exc
@@ -166,7 +169,7 @@ async def test_engine_killed_mid_stream_client_sees_an_error_next_request_goes_e
         finished = [c for c in chunks if c["choices"] and c["choices"][0].get("finish_reason")]
         # The client can tell: the stream broke, or it ended without a finish and [DONE].
         assert error is not None or (not finished and "[DONE]" not in events), events[-3:]
-        assert len(events) >= 3
+        assert events  # the stream had started: the engine died mid-stream, not before it
 
         pod = stack.picker.registry[victim.endpoint]
         await wait_for(lambda: not pod.healthy, 30, "the victim marked unhealthy")
