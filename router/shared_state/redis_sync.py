@@ -74,6 +74,9 @@ class RedisSync:
         self._last_id = "0-0"
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        #: Set by `stop`: no heartbeat may renew the lease after it (a task left behind by a
+        #: stuck store command would otherwise write our key back after its deletion).
+        self._closing = False
         self._down_since: float | None = None
         self._client = self._make_client(settings.op_timeout_s)
         # XREAD blocks server-side; its socket must wait longer than the block.
@@ -112,6 +115,7 @@ class RedisSync:
         """Stop the loops and free this replica's charges at once (a clean exit does not
         wait for the lease). Bounded: a store that hangs cannot hold the face's shutdown."""
         bound = max(1.0, 2 * self.settings.op_timeout_s)
+        self._closing = True
         for t in self._tasks:
             t.cancel()
         if self._tasks:
@@ -119,12 +123,15 @@ class RedisSync:
             if stuck:
                 log.warning("shared state: %d store task(s) did not stop; left behind", len(stuck))
         self._tasks = []
-        if self.up:
-            with contextlib.suppress(*_STORE_ERRORS):
-                await asyncio.wait_for(self._flush(), bound)
-                await asyncio.wait_for(
-                    self._client.delete(self.replica_prefix + self.replica_id), bound
-                )
+        # Whatever `up` says (a task that did not stop may have marked the link down on its
+        # way out): flush and free our charges, bounded; with the store really gone, each
+        # attempt fails within its timeout.
+        with contextlib.suppress(*_STORE_ERRORS):
+            await asyncio.wait_for(self._flush(), bound)
+        with contextlib.suppress(*_STORE_ERRORS):
+            await asyncio.wait_for(
+                self._client.delete(self.replica_prefix + self.replica_id), bound
+            )
         for c in (self._client, self._reader):
             with contextlib.suppress(*_STORE_ERRORS):
                 await asyncio.wait_for(c.aclose(), bound)
@@ -246,6 +253,8 @@ class RedisSync:
 
     async def _heartbeat(self) -> None:
         """Renew our lease with our totals; read every replica's (they are alive)."""
+        if self._closing:
+            return
         c = self._client
         own = self.replica_prefix + self.replica_id
         await c.set(own, encode(self.state.snapshot()), px=int(self.settings.lease_s * 1000))
