@@ -35,14 +35,14 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
-from envoy_extproc.metrics import PickerMetrics, time_plugins
+from envoy_extproc.metrics import PickerMetrics
 from envoy_extproc.metrics_http import MetricsHTTPServer
 from envoy_extproc.observe import build_picker
 from envoy_extproc.passive_health import PassiveHealth
 from envoy_extproc.servicer import ExternalProcessorServicer, add_to_server
 from envoy_extproc.settings import ExtProcSettings
 from router.config import RouterConfig
-from router.config_reload import face_reloader
+from router.config_reload import face_reloader, face_scheduler
 from router.discovery.kubernetes import KubernetesDiscoverySettings
 from router.feeds import FleetFeeds
 from router.gc_heap import freeze_startup_heap
@@ -285,21 +285,8 @@ class PickerServer:
         await self.stop()
 
     def build_scheduler(self, config: RouterConfig, previous: Scheduler | None = None) -> Scheduler:
-        """The scheduler for `config`, built alike at start-up and on a reload (`previous`:
-        the one it replaces; its keyer, approximate index and shared-state observer go on)."""
-        sched = Scheduler(
-            config,
-            self.registry,
-            precise_index=self.feeds.precise_index,
-            keyer=previous.keyer if previous is not None else None,
-            approx_index=previous.approx_index if previous is not None else None,
-        )
-        if previous is not None:
-            sched.observer = previous.observer
-        time_plugins(sched, self.metrics)
-        if self.tracing is not None:
-            self.tracing.trace_scheduler(sched)
-        return sched
+        """The scheduler for `config` (start-up and reloads alike: `face_scheduler`)."""
+        return face_scheduler(config, self.feeds, self.metrics, self.tracing, previous)
 
     # ------------------------------------------------------------------ helpers
     async def _readmit_loop(self, health: PassiveHealth) -> None:

@@ -45,7 +45,10 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from router.config import ConfigError, RouterConfig, parse_config
+from router.face_metrics import FaceMetrics, time_plugins
+from router.feeds import FleetFeeds
 from router.log_setup import setup_logging
+from router.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -372,3 +375,28 @@ def face_reloader(
         live_fields=live_fields,
         on_sighup=getattr(discovery, "reload", None),
     )
+
+
+def face_scheduler(
+    config: RouterConfig,
+    feeds: FleetFeeds,
+    metrics: FaceMetrics,
+    tracing: Any,
+    previous: Scheduler | None = None,
+) -> Scheduler:
+    """A face's scheduler for `config`, built alike at start-up and on a reload (`previous`:
+    the one it replaces; its keyer, approximate index and shared-state observer go on): on the
+    face's fleet, its plugins timed into `metrics`, traced when `tracing` is on."""
+    sched = Scheduler(
+        config,
+        feeds.registry,
+        precise_index=feeds.precise_index,
+        keyer=previous.keyer if previous is not None else None,
+        approx_index=previous.approx_index if previous is not None else None,
+    )
+    if previous is not None:
+        sched.observer = previous.observer
+    time_plugins(sched, metrics)
+    if tracing is not None:
+        tracing.trace_scheduler(sched)
+    return sched

@@ -25,8 +25,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 
 from router.config import RouterConfig
-from router.config_reload import face_reloader
-from router.face_metrics import time_plugins
+from router.config_reload import face_reloader, face_scheduler
 from router.feeds import FleetFeeds
 from router.gc_heap import freeze_startup_heap
 from router.index import BlockIndex
@@ -193,21 +192,8 @@ class ProxyApp:
             self.upstream = None
 
     def build_scheduler(self, config: RouterConfig, previous: Scheduler | None = None) -> Scheduler:
-        """The scheduler for `config`, built alike at start-up and on a reload (`previous`:
-        the one it replaces; its keyer, approximate index and shared-state observer go on)."""
-        sched = Scheduler(
-            config,
-            self.registry,
-            precise_index=self.feeds.precise_index,
-            keyer=previous.keyer if previous is not None else None,
-            approx_index=previous.approx_index if previous is not None else None,
-        )
-        if previous is not None:
-            sched.observer = previous.observer
-        time_plugins(sched, self.metrics.face)
-        if self.tracing is not None:
-            self.tracing.trace_scheduler(sched)
-        return sched
+        """The scheduler for `config` (start-up and reloads alike: `face_scheduler`)."""
+        return face_scheduler(config, self.feeds, self.metrics.face, self.tracing, previous)
 
     # ------------------------------------------------------------------ control endpoints
     def _build_api(self) -> FastAPI:

@@ -26,20 +26,11 @@ from tests.extproc.extproc_client import (
     response_headers_msg,
     set_headers,
 )
+from tests.proxy.test_config_reload import CACHE_AWARE
 
 SETTINGS = ExtProcSettings(
     host="127.0.0.1", grpc_port=0, health_port=0, metrics_port=0, lame_duck_s=0
 )
-CACHE_AWARE = """
-plugins:
-  - type: prefix-cache-scorer
-  - type: max-score-picker
-schedulingProfiles:
-  - name: cache
-    plugins:
-      - {pluginRef: prefix-cache-scorer, weight: 3}
-      - {pluginRef: max-score-picker}
-"""
 ROUND_ROBIN = """
 plugins:
   - type: round-robin-picker
