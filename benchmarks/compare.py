@@ -60,9 +60,10 @@ The setting meant to be valid: the defaults (`--pods 4 --speedup 1 --requests 30
 side): the measuring side itself used 0.18-0.28 of its core (`fleet_cpu_share`, multi-turn and
 Mooncake, 2026-12-02), which leaves it mostly idle on a quiet machine. Not yet shown valid:
 on that day the machine ran other jobs (load average 9-20, the fleet core 100% busy), and every
-run was INVALID (step lag p99 46-841 ms). A known limit on Mooncake: the load generator renders
-each prompt's text on its event loop (`tokens_to_text`, ~5.6 ms CPU a prompt on average, tens
-of ms for the longest), which counts in its send and loop lag.
+run was INVALID (step lag p99 46-841 ms). The load generator renders every prompt's text before the
+run starts (`LoadGenerator._prerender`, up to 256 MB of text): rendered at send time on its
+event loop (`tokens_to_text`, ~5.6 ms CPU a Mooncake prompt on average, tens of ms for the
+longest) it made the send lag p99 11-21 ms on Mooncake.
 
 Workloads (all chat, output capped at `--max-tokens` so the 2-core machine spends its CPU on
 routing, not on streaming tokens). Sizes are in workload tokens; the load generator's text is

@@ -7,10 +7,10 @@ runs through the simulator with kvroute's default policy on an aggregated fleet 
 The P/D gain is tokens/s(P/D) / tokens/s(aggregated) − 1 (the published figure for this setup
 is +70%). Then every constant of `router.sim.plan.SENSITIVITY_CONSTANTS` (the profile's
 efficiency factors and latencies, the NVLink bandwidth, the P/D KV link's latency and
-bandwidth) is scaled by 1 − step and 1 + step (default ±50%; fractions of peak capped at 1)
-with the others at the profile's values, and the gain is measured again. Rows are sorted by
-swing. The simulator runs in virtual time: figures do not depend on the machine's load, and
-the same seed gives the same table.
+bandwidth, `kv_link_latency_s` and `kv_link_bandwidth`) is scaled by 1 − step and 1 + step
+(default ±50%; fractions of peak capped at 1) with the others at the profile's values, and
+the gain is measured again. Rows are sorted by swing. The simulator runs in virtual time:
+figures do not depend on the machine's load, and the same seed gives the same table.
 
     python benchmarks/plan_sensitivity.py [--profile NAME] [--aggregated SPEC]
         [--disaggregated SPEC] [--prompt-tokens N] [--output-tokens N] [--concurrency N]

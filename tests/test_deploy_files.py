@@ -30,6 +30,7 @@ from router.discovery.static import StaticDiscoveryStats
 from router.events.ingest import EventStats
 from router.pods import PodRegistry
 from router.scrape import ScrapeStats
+from tests.test_deploy_crs import NO_ENVOY, requires_envoy
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
@@ -237,13 +238,13 @@ def test_envoy_bootstrap_routes_by_the_destination_header_in_its_body_mode(mode:
     assert EXT_PROC_SERVICE in HEALTH_SERVICES
 
 
-@pytest.mark.skipif(envoy_binary() is None, reason="no envoy binary")
+@requires_envoy
 @pytest.mark.parametrize("mode", sorted(BOOTSTRAPS))
 def test_envoy_accepts_the_bootstrap(mode: str, tmp_path: Path) -> None:
     path = tmp_path / "envoy.yaml"
     path.write_text(render_bootstrap(mode, listen_port=10000, admin_port=10001, picker_port=9002))
     binary = envoy_binary()
-    assert binary is not None
+    assert binary is not None, NO_ENVOY
     done = subprocess.run(
         [binary, "--mode", "validate", "-c", str(path)], capture_output=True, timeout=60
     )

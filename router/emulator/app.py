@@ -421,11 +421,15 @@ async def _stream(rt: PodRuntime, prep: Prepared) -> AsyncIterator[bytes]:
     sent_total = 0
     completed = False
     prompt_total = sum(prep.prompt_tokens)
+    # vLLM sends a chat stream's role chunks on the engine's first output (its first token),
+    # not when the request is accepted: a router timing the first body byte sees the TTFT.
+    roles_sent = not prep.chat
     try:
-        if prep.chat:
-            for gen in gens:
-                yield wire.sse(wire.chat_role_chunk(rid, created, model, gen.index))
         while True:
+            if not roles_sent and (job.done or any(g.ready > g.sent for g in gens)):
+                roles_sent = True
+                for gen in gens:
+                    yield wire.sse(wire.chat_role_chunk(rid, created, model, gen.index))
             for gen in gens:
                 if gen.failed:
                     raise StreamBroken(f"generation {gen.engine_id} failed: {gen.failed}")

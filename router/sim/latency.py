@@ -125,6 +125,10 @@ class Profile:
     num_gpu_blocks_override: int | None = None
     #: Host↔GPU copy bandwidth for the CPU KV tier (PCIe), bytes/s.
     cpu_offload_bandwidth: float = 25e9
+    #: P/D: the KV link a decode pod pulls a prompt's blocks over from a prefill pod (NIXL):
+    #: a fixed latency per transfer, and bytes/s (transfers on one pod pair are serialised).
+    kv_link_latency_s: float = 0.002
+    kv_link_bandwidth: float = 25e9
 
     @property
     def kv_bytes_per_token(self) -> float:
@@ -196,6 +200,8 @@ def profile_from_dict(data: dict[str, Any], where: str = "profile") -> Profile:
     profile = _build(Profile, body, where)
     if profile.tp < 1 or profile.block_size < 1:
         raise ValueError(f"{where}: tp and block_size must be ≥ 1")
+    if not (profile.kv_link_latency_s >= 0 and profile.kv_link_bandwidth > 0):
+        raise ValueError(f"{where}: kv_link_latency_s must be ≥ 0 and kv_link_bandwidth > 0")
     return profile
 
 

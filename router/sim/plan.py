@@ -104,21 +104,21 @@ class Candidate:
         }
 
 
+def fits_at(profile: Profile, tp: int) -> bool:
+    """Whether the profile's model runs at this TP degree: the attention heads split evenly
+    and the weights fit with room for a KV cache."""
+    if tp < 1 or profile.model.heads % tp:
+        return False
+    try:
+        at_tp = dataclasses.replace(profile, tp=tp, num_gpu_blocks_override=None)
+        return at_tp.num_gpu_blocks > 0
+    except ValueError:
+        return False  # the weights do not fit on this many GPUs
+
+
 def tp_degrees(profile: Profile, max_gpus: int) -> list[int]:
-    """TP degrees the profile can run at within `max_gpus`: the weights fit with room for a
-    KV cache, and the attention heads split evenly."""
-    out = []
-    for tp in TP_DEGREES:
-        if tp > max_gpus or profile.model.heads % tp:
-            continue
-        try:
-            at_tp = dataclasses.replace(profile, tp=tp, num_gpu_blocks_override=None)
-            blocks = at_tp.num_gpu_blocks
-        except ValueError:
-            continue  # the weights do not fit on this many GPUs
-        if blocks > 0:
-            out.append(tp)
-    return out
+    """TP degrees of `TP_DEGREES` the profile can run at within `max_gpus`."""
+    return [tp for tp in TP_DEGREES if tp <= max_gpus and fits_at(profile, tp)]
 
 
 def candidate_fleets(
@@ -252,7 +252,7 @@ def best_aggregated_margin(candidates: Sequence[Candidate]) -> float | None:
 
 # ------------------------------------------------------------------ sensitivity (tornado)
 #: Constants the tornado varies, and where each lives: a profile's `efficiency` or `gpu`
-#: section, or the simulator's P/D KV link (`SimSettings`).
+#: section, or the profile's top level (the P/D KV link).
 SENSITIVITY_CONSTANTS: tuple[tuple[str, str], ...] = (
     ("gemm_compute", "efficiency"),
     ("gemm_memory", "efficiency"),
@@ -265,9 +265,11 @@ SENSITIVITY_CONSTANTS: tuple[tuple[str, str], ...] = (
     ("step_overhead_s", "efficiency"),
     ("mixed_batch_layer_latency_s", "efficiency"),
     ("interconnect_bandwidth", "gpu"),
-    ("kv_link_latency_s", "link"),
-    ("kv_link_bandwidth_Bps", "link"),
+    ("kv_link_latency_s", "profile"),
+    ("kv_link_bandwidth", "profile"),
 )
+#: Profile constants only a disaggregated fleet uses (the aggregated runs are reused).
+_PD_ONLY = ("kv_link_latency_s", "kv_link_bandwidth")
 #: Efficiency fractions of peak cannot pass 1: a +50% step is capped there.
 _FRACTIONS = ("gemm_compute", "gemm_memory", "attention_compute", "attention_memory")
 
@@ -304,10 +306,18 @@ def scale_constant(
     profile: Profile, settings: SimSettings, name: str, where: str, factor: float
 ) -> tuple[Profile, SimSettings, float]:
     """`profile` and `settings` with one constant multiplied by `factor` (fractions of peak
-    capped at 1); returns them and the value used."""
+    capped at 1); returns them and the value used. `where`: "efficiency" or "gpu" (a
+    section of the profile), "profile" (its top level), "link" (a `SimSettings` override of
+    the profile's KV link, which must be set)."""
     if where == "link":
-        value = getattr(settings, name) * factor
+        current = getattr(settings, name)
+        if current is None:
+            raise PlanError(f"sensitivity: {name} is not set in the settings; vary the profile's")
+        value = current * factor
         return profile, dataclasses.replace(settings, **{name: value}), value
+    if where == "profile":
+        value = getattr(profile, name) * factor
+        return dataclasses.replace(profile, **{name: value}), settings, value
     if where == "efficiency":
         value = getattr(profile.efficiency, name) * factor
         if name in _FRACTIONS:
@@ -318,7 +328,9 @@ def scale_constant(
         value = getattr(profile.gpu, name) * factor
         gpu = dataclasses.replace(profile.gpu, **{name: value})
         return dataclasses.replace(profile, gpu=gpu), settings, value
-    raise PlanError(f"sensitivity: unknown place {where!r} for {name} (efficiency, gpu, link)")
+    raise PlanError(
+        f"sensitivity: unknown place {where!r} for {name} (efficiency, gpu, profile, link)"
+    )
 
 
 def sensitivity(
@@ -349,7 +361,11 @@ def sensitivity(
 
     def tps(spec: str, prof: Profile, sett: SimSettings) -> float:
         fleet = agg_fleet if spec == aggregated else pd_fleet
-        key = (spec, prof, sett if fleet.disaggregated else settings)
+        if not fleet.disaggregated:
+            # The KV link does not touch an aggregated fleet: key its run without it.
+            prof = dataclasses.replace(prof, **{k: getattr(profile, k) for k in _PD_ONLY})
+            sett = settings
+        key = (spec, prof, sett)
         if key not in runs:
             if progress is not None:
                 progress(spec)

@@ -23,15 +23,18 @@ from typing import Any
 
 from router.sim.cli import Progress, add_workload_arguments, build_workloads, check_numbers
 from router.sim.fleet import FleetSpecError, parse_fleet
-from router.sim.latency import load_profile
+from router.sim.latency import Profile, load_profile
 from router.sim.plan import (
     SLO,
+    TP_DEGREES,
     Candidate,
     PlanError,
     best,
     best_aggregated_margin,
     candidate_fleets,
     evaluate,
+    fits_at,
+    tp_degrees,
 )
 from router.sim.report import plotting_unavailable
 from router.sim.runner import SimSettings
@@ -118,9 +121,40 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
+#: The unit each positive-number flag is in, for its error message.
+_POSITIVE_FLAGS = {
+    "--slo-ttft-p95": "seconds (a TTFT target must be above 0)",
+    "--slo-tpot-p95": "seconds (a TPOT target must be above 0)",
+    "--gpu-hour-usd": "dollars a GPU-hour",
+}
+
+
 def _positive(flag: str, value: float | None) -> None:
     if value is not None and not (math.isfinite(value) and value > 0):
-        raise PlanError(f"{flag}: {value!r} is not a positive number of seconds or dollars")
+        raise PlanError(f"{flag}: {value!r} is not a positive number of {_POSITIVE_FLAGS[flag]}")
+
+
+def _explicit_candidates(specs: list[str], profile: Profile) -> list[tuple[str, int]]:
+    """(spec, GPUs) of `--candidate` fleets, each role's TP checked against the profile."""
+    out = []
+    for spec in specs:
+        fleet = parse_fleet(spec)
+        for g in fleet.groups:
+            tp = g.tp or profile.tp
+            if g.profile is None and not fits_at(profile, tp):
+                heads = profile.model.heads
+                why = (
+                    f"its {heads} attention heads do not split evenly over {tp} GPUs"
+                    if heads % tp
+                    else f"its weights leave no room for a KV cache on {tp} GPU(s)"
+                )
+                fits = ", ".join(f"tp{t}" for t in tp_degrees(profile, max(TP_DEGREES)))
+                raise PlanError(
+                    f"--candidate {spec}: {profile.name} cannot run at tp{tp}: {why} "
+                    f"(it runs at {fits or 'no TP degree'})"
+                )
+        out.append((spec, fleet.gpus(profile.tp)))
+    return out
 
 
 def _apply_defaults(args: argparse.Namespace) -> None:
@@ -160,7 +194,7 @@ def run_plan(args: argparse.Namespace) -> int:
     try:
         if args.gpus is None or args.gpus < 1:
             raise PlanError(f"--gpus: the GPU budget must be at least 1, got {args.gpus}")
-        for flag in ("--slo-ttft-p95", "--slo-tpot-p95", "--gpu-hour-usd"):
+        for flag in _POSITIVE_FLAGS:
             _positive(flag, getattr(args, flag[2:].replace("-", "_")))
         check_numbers(args)
         if args.plot:
@@ -173,9 +207,7 @@ def run_plan(args: argparse.Namespace) -> int:
             raise PlanError(f"--profile: {exc}") from None
         _apply_defaults(args)
         if args.candidate:
-            fleets = []
-            for spec in args.candidate:
-                fleets.append((spec, parse_fleet(spec).gpus(profile.tp)))
+            fleets = _explicit_candidates(args.candidate, profile)
         else:
             fleets = candidate_fleets(profile, args.gpus, args.gpus_max)
         sweep = build_workloads(args, args.gpus)

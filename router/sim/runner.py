@@ -117,8 +117,10 @@ class SimSettings:
     scrape_interval_s: float = 0.1
     #: P/D: remote prefill when the decode pod lacks more than this many prompt tokens.
     pd_threshold: int = 256
-    kv_link_latency_s: float = 0.002
-    kv_link_bandwidth_Bps: float = 25e9
+    #: P/D KV link latency (s) and bandwidth (bytes/s); None = the decode pod's profile's
+    #: (`Profile.kv_link_latency_s`, `Profile.kv_link_bandwidth`).
+    kv_link_latency_s: float | None = None
+    kv_link_bandwidth_Bps: float | None = None
     seed: int = 0
     #: Seconds from a request's send to its decision and engine arrival (see module doc).
     router_overhead_s: float = 0.001
@@ -580,8 +582,11 @@ class Simulation:
         link = self.links.get((prefill, decode))
         if link is None:
             s = self.settings
+            prof = self.pods[decode].engine.latency.profile
+            latency, bandwidth = s.kv_link_latency_s, s.kv_link_bandwidth_Bps
             link = self.links[(prefill, decode)] = KVLink(
-                s.kv_link_latency_s, s.kv_link_bandwidth_Bps
+                prof.kv_link_latency_s if latency is None else latency,
+                prof.kv_link_bandwidth if bandwidth is None else bandwidth,
             )
         return link
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 
 from router.emulator.server import EmulatorPod
@@ -85,6 +87,34 @@ async def test_chat_stream_starts_with_the_role_delta(client: httpx.AsyncClient)
     assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert rest[-1]["choices"][0]["finish_reason"] == "length"
     assert "usage" not in rest[-1]  # no include_usage: no usage chunk
+
+
+async def test_chat_stream_role_chunk_waits_for_the_first_token(start_pod) -> None:  # type: ignore[no-untyped-def]
+    """vLLM sends the role delta on the engine's first output, so a router timing a stream's
+    first body byte measures the time to first token (and learns prefill rates from it): by
+    the time the first event is read, the pod has counted the request's first token."""
+    pod: EmulatorPod = await start_pod(speedup=1.0)  # a 6,000-token prefill: ~0.15 s
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "alpha beta gamma " * 2000}],
+        "max_tokens": 2,
+        "stream": True,
+    }
+    async with (
+        httpx.AsyncClient(base_url=pod.url, timeout=30.0) as c,
+        c.stream("POST", "/v1/chat/completions", json=body) as r,
+    ):
+        lines = r.aiter_lines()
+        first = await anext(lines)
+        assert json.loads(first[len("data: ") :])["choices"][0]["delta"]["role"] == "assistant"
+        metrics = (await c.get("/metrics")).text
+        ttft_count = [
+            ln
+            for ln in metrics.splitlines()
+            if ln.startswith("vllm:time_to_first_token_seconds_count")
+        ]
+        assert float(ttft_count[0].rsplit(" ", 1)[1]) == 1.0
+        assert [ln async for ln in lines if ln][-1] == "data: [DONE]"
 
 
 async def test_chat_completion_body_shape(client: httpx.AsyncClient) -> None:

