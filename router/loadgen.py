@@ -56,6 +56,10 @@ _WORD_ARRAY = np.array(_WORDS, dtype=object)
 #: A stream event's JSON (msgspec: ~4x json.loads on vLLM's chunks, one per token).
 _decode_event = msgspec.json.Decoder().decode
 
+#: A request body's JSON (msgspec: a 200 KB prompt in ~0.1 ms, several times json.dumps).
+_encode_body = msgspec.json.Encoder().encode
+_JSON = {"Content-Type": "application/json"}
+
 #: Interval of the event-loop lag probe (seconds).
 LOOP_PROBE_S = 0.005
 #: Text rendered before a run starts, at most (characters; ~5 a token).
@@ -324,7 +328,7 @@ class LoadGenerator:
         text: list[str] = []
         chunks = 0
         try:
-            async with client.post(url, json=body) as r:
+            async with client.post(url, data=_encode_body(body), headers=_JSON) as r:
                 result.status = r.status
                 if r.status != 200:
                     result.error = (await r.read()).decode(errors="replace")[:300]

@@ -110,6 +110,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         ),
     )
     add_workload_arguments(p)
+    add_engine_arguments(p)
     p.add_argument(
         "--fleet",
         action="append",
@@ -287,6 +288,33 @@ def add_workload_arguments(p: argparse.ArgumentParser) -> None:
         help="synthetic workloads: every output exactly N tokens",
     )
     p.add_argument("--seed", type=int, default=0, metavar="N", help="seed (default 0)")
+
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags that change every simulated pod's engine (over its profile); shared by
+    `kvroute simulate` and `kvroute plan` and read into `SimSettings`."""
+    p.add_argument(
+        "--cpu-offload-gib",
+        type=_cpu_offload_gib,
+        metavar="GIB",
+        help=(
+            "CPU KV tier of every pod, GiB of host memory over its TP ranks (vLLM's "
+            "--kv-offloading-size): blocks evicted from GPU move there and reload over PCIe "
+            "on a hit; 0 = none (default: the profile's cpu_kv_cache_gib, 0 in the bundled ones)"
+        ),
+    )
+
+
+def _cpu_offload_gib(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of GiB (0 for no CPU tier)"
+        ) from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of GiB ≥ 0 (0 for no CPU tier)")
+    return value
 
 
 def _split(values: Sequence[str] | None) -> list[str]:
@@ -540,6 +568,7 @@ def run_simulate(args: argparse.Namespace) -> int:
             seed=args.seed,
             router_overhead_s=args.router_overhead_s,
             warmup_s=args.warmup_s,
+            cpu_kv_cache_gib=args.cpu_offload_gib,
         )
         # Synthetic rates scale with the fleet; the first fleet sets them for all, so every
         # fleet sees the same arrivals.

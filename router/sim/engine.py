@@ -11,7 +11,8 @@ Public API
 ``EngineConfig(block_size=16, num_gpu_blocks=4096, num_cpu_blocks=0,
 max_num_batched_tokens=8192, max_num_seqs=256, role=Role.BOTH, seed=0,
 enable_prefix_caching=True)`` — ``EngineConfig.from_profile(profile, **overrides)`` takes
-``num_gpu_blocks`` and ``block_size`` from a latency profile.
+``num_gpu_blocks``, ``num_cpu_blocks`` (``Profile.cpu_kv_cache_gib``) and ``block_size`` from a
+latency profile.
 
 ``SimRequest(request_id, token_ids, max_output_tokens, arrival=0.0, lora=None,
 block_keys=None, output_token_ids=None, kv_link=None, kv_source=None)`` — ``token_ids``: the
@@ -136,8 +137,13 @@ class EngineConfig:
 
     @classmethod
     def from_profile(cls, profile: Profile, **overrides: object) -> EngineConfig:
-        """Block size and GPU block count from a latency profile; anything else overridable."""
-        base = cls(block_size=profile.block_size, num_gpu_blocks=profile.num_gpu_blocks)
+        """Block size, GPU and CPU-tier block counts from a latency profile; anything else
+        overridable."""
+        base = cls(
+            block_size=profile.block_size,
+            num_gpu_blocks=profile.num_gpu_blocks,
+            num_cpu_blocks=profile.num_cpu_blocks,
+        )
         return replace(base, **overrides) if overrides else base  # type: ignore[arg-type]
 
 

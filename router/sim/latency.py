@@ -27,6 +27,7 @@ The model does no I/O beyond reading a profile file and imports nothing from the
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from importlib import resources
 from pathlib import Path
@@ -125,6 +126,9 @@ class Profile:
     num_gpu_blocks_override: int | None = None
     #: Host↔GPU copy bandwidth for the CPU KV tier (PCIe), bytes/s.
     cpu_offload_bandwidth: float = 25e9
+    #: CPU KV tier of the pod, GiB of host memory summed over its TP ranks (0 = no CPU tier);
+    #: as vLLM's `--kv-offloading-size`. Blocks evicted from GPU move here and reload on a hit.
+    cpu_kv_cache_gib: float = 0.0
     #: P/D: the KV link a decode pod pulls a prompt's blocks over from a prefill pod (NIXL):
     #: a fixed latency per transfer, and bytes/s (transfers on one pod pair are serialised).
     kv_link_latency_s: float = 0.002
@@ -151,6 +155,12 @@ class Profile:
         if per_gpu <= 0:
             raise ValueError(f"profile {self.name}: weights do not fit in GPU memory")
         return int(per_gpu // (self.kv_bytes_per_block / self.tp))
+
+    @property
+    def num_cpu_blocks(self) -> int:
+        """KV blocks of the pod's CPU tier: `cpu_kv_cache_gib` over the bytes of one block of
+        all TP shards (each rank keeps its shard of every block, as on GPU)."""
+        return int(self.cpu_kv_cache_gib * 2**30 // self.kv_bytes_per_block)
 
 
 def _build(cls: type, data: Any, where: str) -> Any:
@@ -202,6 +212,10 @@ def profile_from_dict(data: dict[str, Any], where: str = "profile") -> Profile:
         raise ValueError(f"{where}: tp and block_size must be ≥ 1")
     if not (profile.kv_link_latency_s >= 0 and profile.kv_link_bandwidth > 0):
         raise ValueError(f"{where}: kv_link_latency_s must be ≥ 0 and kv_link_bandwidth > 0")
+    if not (math.isfinite(profile.cpu_kv_cache_gib) and profile.cpu_kv_cache_gib >= 0):
+        raise ValueError(f"{where}: cpu_kv_cache_gib must be a number of GiB ≥ 0 (0 = no CPU tier)")
+    if not profile.cpu_offload_bandwidth > 0:
+        raise ValueError(f"{where}: cpu_offload_bandwidth must be > 0 bytes/s")
     return profile
 
 

@@ -21,7 +21,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from router.sim.cli import Progress, add_workload_arguments, build_workloads, check_numbers
+from router.sim.cli import (
+    Progress,
+    add_engine_arguments,
+    add_workload_arguments,
+    build_workloads,
+    check_numbers,
+)
 from router.sim.fleet import FleetSpecError, parse_fleet
 from router.sim.latency import Profile, load_profile
 from router.sim.plan import (
@@ -62,6 +68,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         ),
     )
     add_workload_arguments(p)
+    add_engine_arguments(p)
     p.add_argument(
         "--profile",
         default=DEFAULT_PROFILE,
@@ -224,7 +231,11 @@ def run_plan(args: argparse.Namespace) -> int:
                 progress.start(f"{spec} {label}")
                 progress.update("", done, size)
 
-        settings = SimSettings(seed=args.seed, router_overhead_s=args.router_overhead_s)
+        settings = SimSettings(
+            seed=args.seed,
+            router_overhead_s=args.router_overhead_s,
+            cpu_kv_cache_gib=args.cpu_offload_gib,
+        )
         has_slo = args.slo_ttft_p95 is not None or args.slo_tpot_p95 is not None
         early = has_slo and not args.full_sweep and _rising(sweep)
         cands = evaluate(
@@ -246,6 +257,7 @@ def run_plan(args: argparse.Namespace) -> int:
             "profile": profile.name,
             "slo": {"ttft_p95_s": args.slo_ttft_p95, "tpot_p95_s": args.slo_tpot_p95},
             "gpu_hour_usd": args.gpu_hour_usd,
+            **({} if args.cpu_offload_gib is None else {"cpu_offload_gib": args.cpu_offload_gib}),
             "candidates": [c.to_json() for c in cands],
             "best": rec.fleet if rec else None,
             "margin_over_best_aggregated": None if margin is None else round(margin, 4),

@@ -121,6 +121,9 @@ class SimSettings:
     #: (`Profile.kv_link_latency_s`, `Profile.kv_link_bandwidth`).
     kv_link_latency_s: float | None = None
     kv_link_bandwidth_Bps: float | None = None
+    #: CPU KV tier of every pod, GiB (0 = none); None = each pod's profile's
+    #: (`Profile.cpu_kv_cache_gib`).
+    cpu_kv_cache_gib: float | None = None
     seed: int = 0
     #: Seconds from a request's send to its decision and engine arrival (see module doc).
     router_overhead_s: float = 0.001
@@ -141,6 +144,9 @@ class SimSettings:
             raise ValueError("max_outstanding must be >= 1")
         if self.warmup_s is not None and self.warmup_s < 0:
             raise ValueError("warmup_s must be >= 0")
+        gib = self.cpu_kv_cache_gib
+        if gib is not None and not (math.isfinite(gib) and gib >= 0):
+            raise ValueError("cpu_kv_cache_gib must be a number of GiB >= 0")
 
     def warmup_for(self, workload: Workload) -> float:
         return workload.warmup_s if self.warmup_s is None else self.warmup_s
@@ -330,6 +336,8 @@ class Simulation:
             )
             shared = KVCache(total, bs, emit_events=False)
         for endpoint, role, prof in plan.pods:
+            if settings.cpu_kv_cache_gib is not None:
+                prof = dataclasses.replace(prof, cpu_kv_cache_gib=settings.cpu_kv_cache_gib)
             self.registry.upsert(Pod(endpoint=endpoint, role=role, models=frozenset({MODEL})))
             lat = latencies.get(prof)
             if lat is None:
