@@ -290,10 +290,7 @@ async def measure_mode(
         picked = f"{picker_env.url}/v1/chat/completions"
         direct = f"{base_env.url}/v1/chat/completions"
         for _ in range(args.runs):
-            b = await closed_loop(direct, body, 1, seconds=args.seconds)
-            p = await closed_loop(picked, body, 1, seconds=args.seconds)
-            check(b, f"{mode} baseline c1")
-            check(p, f"{mode} picker c1")
+            b, p = await baseline_then_picker(direct, picked, body, args, f"{mode} c1")
             runs["p50_b"].append(b.percentile_ms(50))
             runs["p99_b"].append(b.percentile_ms(99))
             runs["p50_p"].append(p.percentile_ms(50))
@@ -341,10 +338,7 @@ async def measure_long_body(
         picked = f"{picker_env.url}/v1/chat/completions"
         direct = f"{base_env.url}/v1/chat/completions"
         for _ in range(args.runs):
-            b = await closed_loop(direct, body, 1, seconds=args.seconds)
-            p = await closed_loop(picked, body, 1, seconds=args.seconds)
-            check(b, f"{mode} baseline {size} B")
-            check(p, f"{mode} picker {size} B")
+            b, p = await baseline_then_picker(direct, picked, body, args, f"{mode} {size} B")
             base_p50.append(b.percentile_ms(50))
             picker_p50.append(p.percentile_ms(50))
     b50, p50 = statistics.median(base_p50), statistics.median(picker_p50)
@@ -354,6 +348,17 @@ async def measure_long_body(
         "baseline_p50_ms": round(b50, 3),
         "picker_p50_ms": round(p50, 3),
     }
+
+
+async def baseline_then_picker(
+    direct: str, picked: str, body: bytes, args: argparse.Namespace, what: str
+) -> tuple[LoadResult, LoadResult]:
+    """One concurrency-1 run straight through Envoy, then one through the picker."""
+    b = await closed_loop(direct, body, 1, seconds=args.seconds)
+    p = await closed_loop(picked, body, 1, seconds=args.seconds)
+    check(b, f"{what} baseline")
+    check(p, f"{what} picker")
+    return b, p
 
 
 def check(result: LoadResult, what: str) -> None:

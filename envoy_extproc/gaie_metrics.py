@@ -85,22 +85,22 @@ class Paired:
         self._to_gaie = to_gaie
         self._model_at = model_at
 
-    def labels(self, *values: str) -> _PairedChild:
+    def labels(self, *values: str) -> PairedChild:
         # Not cached: the served set changes with the fleet, and prometheus_client's own
         # child lookup is a dict hit.
         bounded = list(values)
         if self._model_at is not None:
             bounded[self._model_at] = self._model_labels(values[self._model_at])
-        return _PairedChild(
-            self.kvroute.labels(*bounded), self.gaie.labels(*self._to_gaie(bounded))
-        )
+        return PairedChild(self.kvroute.labels(*bounded), self.gaie.labels(*self._to_gaie(bounded)))
 
     def observe(self, value: float) -> None:  # unlabelled families
         self.kvroute.observe(value)
         self.gaie.observe(value)
 
 
-class _PairedChild:
+class PairedChild:
+    """Two metric children (counters, gauges or histograms) moved as one."""
+
     __slots__ = ("_a", "_b")
 
     def __init__(self, a: Any, b: Any) -> None:

@@ -45,7 +45,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge
 
-from envoy_extproc.gaie_metrics import GaieMetrics, GaiePoolCollector
+from envoy_extproc.gaie_metrics import GaieMetrics, GaiePoolCollector, PairedChild
 from router.face_metrics import Bounded, FaceMetrics, time_plugins
 from router.pods import PodRegistry
 
@@ -69,7 +69,7 @@ class PickerMetrics(FaceMetrics):
             "kvroute_extproc_streams_active", "Open ext_proc streams", registry=self.registry
         )
         #: Moves `kvroute_extproc_streams_active` and `kvroute_open_requests{face="extproc"}`.
-        self.streams = _Together(streams, self.open_requests)
+        self.streams = PairedChild(streams, self.open_requests)
 
     def _bind_models(self) -> None:
         self.gaie = GaieMetrics(self.registry, self._pool_name)
@@ -82,21 +82,3 @@ class PickerMetrics(FaceMetrics):
     ) -> None:
         super().watch_pool(pods, feed_stats)
         self.registry.register(GaiePoolCollector(pods, self.gaie.pool_name))
-
-
-class _Together:
-    """Two gauges moved as one."""
-
-    __slots__ = ("_a", "_b")
-
-    def __init__(self, a: Any, b: Any) -> None:
-        self._a = a
-        self._b = b
-
-    def inc(self, amount: float = 1) -> None:
-        self._a.inc(amount)
-        self._b.inc(amount)
-
-    def dec(self, amount: float = 1) -> None:
-        self._a.dec(amount)
-        self._b.dec(amount)

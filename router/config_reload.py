@@ -35,8 +35,6 @@ import dataclasses
 import hashlib
 import logging
 import os
-import signal
-import threading
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +47,7 @@ from router.face_metrics import FaceMetrics, time_plugins
 from router.feeds import FleetFeeds
 from router.log_setup import setup_logging
 from router.scheduler import Scheduler
+from router.sighup import subscribe_sighup
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +216,7 @@ class ConfigReloader:
         except OSError:
             self.hash = ""
         self._task: asyncio.Task[None] | None = None
-        self._sighup_loop: asyncio.AbstractEventLoop | None = None
+        self._unsubscribe_sighup: Callable[[], None] | None = None
         self._lock = asyncio.Lock()
         self._pending: set[asyncio.Task[None]] = set()
 
@@ -291,15 +290,13 @@ class ConfigReloader:
     async def start(self) -> None:
         if self.poll_interval_s > 0 and self._task is None:
             self._task = asyncio.create_task(self._poll(), name="config-reload")
-        if hasattr(signal, "SIGHUP") and threading.current_thread() is threading.main_thread():
-            loop = asyncio.get_running_loop()
-            loop.add_signal_handler(signal.SIGHUP, self._sighup)
-            self._sighup_loop = loop
+        if self._unsubscribe_sighup is None:
+            self._unsubscribe_sighup = subscribe_sighup(self._sighup)
 
     async def stop(self) -> None:
-        if self._sighup_loop is not None:
-            self._sighup_loop.remove_signal_handler(signal.SIGHUP)
-            self._sighup_loop = None
+        if self._unsubscribe_sighup is not None:
+            self._unsubscribe_sighup()
+            self._unsubscribe_sighup = None
         tasks = [t for t in (self._task, *self._pending) if t is not None]
         self._task = None
         for task in tasks:

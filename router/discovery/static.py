@@ -14,8 +14,7 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
-import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import yaml
 
 from router.discovery.pod_list import PodListError, pods_from_yaml_list
 from router.pods import Pod, PodRegistry
+from router.sighup import subscribe_sighup
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class StaticDiscovery:
         self.stats = StaticDiscoveryStats()
         self._signature: tuple[int, int, int] | None = None
         self._poll_task: asyncio.Task[None] | None = None
-        self._sighup_loop: asyncio.AbstractEventLoop | None = None
+        self._unsubscribe_sighup: Callable[[], None] | None = None
 
     def load(self) -> None:
         """Read the file and make it the fleet; raises PodListError (use at startup)."""
@@ -117,19 +117,13 @@ class StaticDiscovery:
             self.load()
         if self.settings.poll_interval_s > 0 and self._poll_task is None:
             self._poll_task = asyncio.create_task(self._poll(), name="static-discovery")
-        if (
-            self.settings.reload_on_sighup
-            and hasattr(signal, "SIGHUP")
-            and threading.current_thread() is threading.main_thread()
-        ):
-            loop = asyncio.get_running_loop()
-            loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
-            self._sighup_loop = loop
+        if self.settings.reload_on_sighup and self._unsubscribe_sighup is None:
+            self._unsubscribe_sighup = subscribe_sighup(self._on_sighup)
 
     async def stop(self) -> None:
-        if self._sighup_loop is not None:
-            self._sighup_loop.remove_signal_handler(signal.SIGHUP)
-            self._sighup_loop = None
+        if self._unsubscribe_sighup is not None:
+            self._unsubscribe_sighup()
+            self._unsubscribe_sighup = None
         task, self._poll_task = self._poll_task, None
         if task is not None:
             task.cancel()
