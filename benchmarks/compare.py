@@ -121,6 +121,7 @@ from peers import (
     kvroute_config,
     parse_cpus,
     pin_tree,
+    renice_tree,
     tree_cpu_seconds,
     vllm_router_binary,
 )
@@ -438,6 +439,9 @@ async def run_one(
         ) as fleet,
         httpx.AsyncClient(timeout=10.0) as client,
     ):
+        if args.pod_nice:
+            for pod in fleet.pods:
+                renice_tree(pod.pid, args.pod_nice)
         await warm_pods(client, fleet)
         before = await scrape_pods(client, fleet)
         ticks = cpu_busy_ticks(args.fleet_cpu_set)
@@ -452,6 +456,7 @@ async def run_one(
                 concurrency=None if rate else args.concurrency,
                 rate=rate,
                 timeout_s=args.timeout,
+                warm_connections=None,
                 max_tokens_cap=args.max_tokens,
             )
             report = await run_load(workload, settings)
@@ -758,6 +763,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="kvroute's metrics scrape period in s (default its own, 0.2 s; each scrape costs "
         "every pod a /metrics render on the fleet's core)",
+    )
+    p.add_argument(
+        "--pod-nice",
+        type=int,
+        default=5,
+        help="nice value of the emulated pods (0: the load generator's own); see Fairness",
     )
     p.add_argument(
         "--max-lag-ms",

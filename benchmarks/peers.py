@@ -151,6 +151,18 @@ def pin_tree(pid: int, cpus: frozenset[int]) -> int:
     return done
 
 
+def renice_tree(pid: int, nice: int) -> int:
+    """Set the nice value of every thread of `pid` and its descendants (Linux keeps one per
+    thread); the number of threads set. Threads under SCHED_IDLE keep their policy."""
+    done = 0
+    for p in process_tree(pid):
+        for tid in _threads(p):
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, tid, nice)
+                done += 1
+    return done
+
+
 def tree_affinity(pid: int) -> frozenset[int]:
     """The cores any thread of the tree may run on (the union of their affinities)."""
     out: set[int] = set()

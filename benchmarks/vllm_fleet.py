@@ -177,6 +177,7 @@ async def run_load_on_vllm(
                 concurrency=None if rate else args.concurrency,
                 rate=rate,
                 timeout_s=args.timeout,
+                warm_connections=None,
                 max_tokens_cap=cap,
             )
             report = await run_load(fitted, settings)

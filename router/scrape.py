@@ -306,13 +306,29 @@ class MetricsScraper:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _run(self) -> None:
+        """One round per `interval_s`, its pods' scrapes spread evenly over the round (pod i
+        of n at i/n of it), as Prometheus spreads its targets' scrapes: fired together, n
+        pages arrive and are parsed at once (a stall of the router's loop n times a parse
+        long), and n pods sharing a host render theirs at the same instant. A round that
+        fell behind (a stalled loop) starts afresh instead of firing the missed ones in a
+        burst."""
         interval = self.settings.interval_s
+        loop = asyncio.get_running_loop()
+        round_start = loop.time()
         while True:
-            started = self._clock()
             self._prune()
-            for pod in self.registry.all():
+            pods = self.registry.all()
+            for i, pod in enumerate(pods):
+                if i:
+                    await _sleep_until(loop, round_start + interval * i / len(pods))
+                    if pod.endpoint not in self.registry:
+                        continue
                 self._launch(pod)
-            await asyncio.sleep(max(0.0, interval - (self._clock() - started)))
+            round_start += interval
+            now = loop.time()
+            if round_start < now:
+                round_start = now
+            await _sleep_until(loop, round_start)
 
     def _launch(self, pod: Pod) -> asyncio.Task[None]:
         task = self._inflight.get(pod.endpoint)
@@ -417,3 +433,7 @@ class MetricsScraper:
                 state.consecutive_failures,
                 reason,
             )
+
+
+async def _sleep_until(loop: asyncio.AbstractEventLoop, when: float) -> None:
+    await asyncio.sleep(max(0.0, when - loop.time()))

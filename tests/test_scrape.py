@@ -165,6 +165,7 @@ class MetricsServer:
         self.page = vllm_page()
         self.mode = "ok"  # ok | stall | garbage | error
         self.hits = 0
+        self.hit_times: list[float] = []  # loop time of each request's arrival
         self.endpoint = ""
         self._runner: web.AppRunner | None = None
 
@@ -184,6 +185,7 @@ class MetricsServer:
 
     async def _metrics(self, request: web.Request) -> web.Response:
         self.hits += 1
+        self.hit_times.append(asyncio.get_running_loop().time())
         if self.mode == "stall":
             await asyncio.sleep(30)
         if self.mode == "error":
@@ -364,6 +366,28 @@ async def test_loop_keeps_scraping_other_pods_while_one_stalls(servers) -> None:
     assert fast.hits >= 5
     assert registry[fast.endpoint].metrics.taken_at is not None
     assert registry[slow.endpoint].metrics.taken_at is None
+
+
+async def test_a_round_spreads_its_pods_scrapes_over_the_interval() -> None:
+    # Fired together, n pods' pages arrive and are parsed at once (and pods sharing a host
+    # render theirs at the same instant): pod i of n goes at i/n of the round.
+    servers = [MetricsServer() for _ in range(4)]
+    for s in servers:
+        await s.start()
+    registry = fleet(*(s.endpoint for s in servers))
+    scraper = MetricsScraper(registry, ScrapeSettings(interval_s=0.4, timeout_s=1.0))
+    try:
+        await scraper.start()
+        await asyncio.sleep(1.0)
+    finally:
+        await scraper.stop()
+        for s in servers:
+            await s.stop()
+    firsts = [s.hit_times[0] for s in servers]
+    gaps = [b - a for a, b in zip(firsts, firsts[1:], strict=False)]
+    assert all(0.07 <= g <= 0.2 for g in gaps), gaps  # 0.1 s apart, in registry order
+    # every pod is still scraped once a round: ~2.5 rounds in 1 s
+    assert all(2 <= s.hits <= 3 for s in servers), [s.hits for s in servers]
 
 
 async def test_pod_removed_mid_scrape_is_not_written_back(servers) -> None:
