@@ -139,28 +139,27 @@ def _threads(pid: int) -> list[int]:
     return []
 
 
-def pin_tree(pid: int, cpus: frozenset[int]) -> int:
-    """Bind every thread of `pid` and its descendants to `cpus`; the number of threads bound
+def _each_thread(pid: int, apply: Callable[[int], object]) -> int:
+    """Call `apply(tid)` for every thread of `pid` and its descendants; how many succeeded
     (threads that exit meanwhile are skipped)."""
     done = 0
     for p in process_tree(pid):
         for tid in _threads(p):
             with contextlib.suppress(OSError):
-                os.sched_setaffinity(tid, cpus)
+                apply(tid)
                 done += 1
     return done
+
+
+def pin_tree(pid: int, cpus: frozenset[int]) -> int:
+    """Bind every thread of `pid` and its descendants to `cpus`; the number of threads bound."""
+    return _each_thread(pid, lambda tid: os.sched_setaffinity(tid, cpus))
 
 
 def renice_tree(pid: int, nice: int) -> int:
     """Set the nice value of every thread of `pid` and its descendants (Linux keeps one per
     thread); the number of threads set. Threads under SCHED_IDLE keep their policy."""
-    done = 0
-    for p in process_tree(pid):
-        for tid in _threads(p):
-            with contextlib.suppress(OSError):
-                os.setpriority(os.PRIO_PROCESS, tid, nice)
-                done += 1
-    return done
+    return _each_thread(pid, lambda tid: os.setpriority(os.PRIO_PROCESS, tid, nice))
 
 
 def tree_affinity(pid: int) -> frozenset[int]:
