@@ -22,8 +22,10 @@ Method
   a plain loop (`sync_blocks_per_s`); `loop_vs_sync_ratio` is what the queues, round-robin and
   yielding cost (≈1 means nothing).
 - Breakdown (same payloads, synchronous loop, no asyncio): time per block in decode
-  (msgspec typed decode), keying (`token_block_keys` fed an `array('I')`, as the ingester
-  does), and `BlockIndex.add_blocks`, so the
+  (`decode_batch_packed`, the ingester's: msgspec typed decode with token ids packed into an
+  `array('I')` by the C extension, or plain `decode_batch` and a list → `array('I')`
+  conversion where the extension is not built — `packed_decode` says which), keying
+  (`token_block_keys` over that `array('I')`), and `BlockIndex.add_blocks`, so the
   figure can be read against its parts. `--profile` prints the cProfile top functions of one
   run. ZMQ transport is not included (see the subscriber tests for the wire).
 """
@@ -47,7 +49,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from router.blocks import BlockConfig, token_block_keys
-from router.events.decode import decode_batch
+from router.events.decode import PACKED_AVAILABLE, decode_batch_packed
 from router.events.ingest import KVEventIngester
 from router.events.publisher import encode_batch
 from router.events.settings import EventsSettings
@@ -130,11 +132,15 @@ def breakdown(payloads: list[tuple[str, int, bytes]], block: BlockConfig) -> dic
     clock = time.perf_counter
     for pod, _, p in payloads:
         t0 = clock()
-        events = decode_batch(p).events
+        events = decode_batch_packed(p).events
+        tokens = [
+            ev.token_ids if isinstance(ev.token_ids, array) else array("I", ev.token_ids)
+            for ev in events
+        ]
         t1 = clock()
         keyed = [
-            (token_block_keys(array("I", ev.token_ids), block.block_size, block.seed), ev)
-            for ev in events
+            (token_block_keys(toks, block.block_size, block.seed), ev)
+            for toks, ev in zip(tokens, events, strict=True)
         ]
         t2 = clock()
         for keys, ev in keyed:
@@ -204,6 +210,7 @@ def main() -> None:
         "wire_form": args.wire_form,
         "slice_budget_ms": args.slice_budget_ms,
         "target_blocks_per_s": 1_000_000,
+        "packed_decode": PACKED_AVAILABLE,
         **{k: round(v, 3) for k, v in parts.items()},
     }
     if args.profile:

@@ -171,16 +171,28 @@ class BlockIndex:
         slot = pb.slot
         if pb.pending:
             self._confirm(pb, keys)
-        for key in reversed(keys):
-            if key in pkeys:  # held already: its bit is set, only its LRU place moves
-                del pkeys[key]
-            else:
-                holders[key] = get(key, 0) | bit
-            pkeys[key] = now
-            if not gpu:
-                lower.setdefault(key, {})[slot] = tier
-            elif lower and key in lower:
-                self._drop_lower_tier(key, slot)
+        # A key new to the index stores the pod's `bit` object itself rather than `0 | bit`,
+        # a fresh int for slots >= 9: one allocation (and 32 bytes) less per block.
+        if gpu and not lower:  # the common case, without the per-key tier checks
+            for key in reversed(keys):
+                if key in pkeys:  # held already: its bit is set, only its LRU place moves
+                    del pkeys[key]
+                else:
+                    m = get(key)
+                    holders[key] = bit if m is None else m | bit
+                pkeys[key] = now
+        else:
+            for key in reversed(keys):
+                if key in pkeys:
+                    del pkeys[key]
+                else:
+                    m = get(key)
+                    holders[key] = bit if m is None else m | bit
+                pkeys[key] = now
+                if not gpu:
+                    lower.setdefault(key, {})[slot] = tier
+                elif lower and key in lower:
+                    self._drop_lower_tier(key, slot)
         if engine_hashes is not None:
             pb.engine.update(zip(engine_hashes, keys, strict=True))
         if self.capacity_per_pod is not None:

@@ -17,10 +17,18 @@ reject — unknown event tags, mixed or odd shapes — is decoded generically an
 converted on its own, so one unknown event type skips only that event. A payload that is not
 msgpack, or whose known events do not validate, raises `EventDecodeError` and nothing of it is
 applied (a batch is all or nothing).
+
+`decode_batch_packed` is what the ingester calls: the same events, but a `BlockStored`'s token
+ids come as an `array('I')` packed straight from the msgpack by the C extension
+`router.events._tokpack` (no Python int per token: that was half of decoding). The extension is
+built when the package is installed and a compiler is there; without it, or for any payload it
+does not take (a token id out of uint32 range, an odd shape), `decode_batch` decodes instead, so
+what a payload means never depends on the extension.
 """
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,10 +41,19 @@ from router.events.types import (
     BlockRemovedMap,
     BlockStored,
     BlockStoredMap,
+    BlockStoredPacked,
+    BlockStoredPackedMap,
     KVEvent,
     KVEventBatch,
     KVEventBatchMap,
+    KVEventBatchPacked,
+    KVEventBatchPackedMap,
 )
+
+try:
+    from router.events._tokpack import pack_u32_array
+except ImportError:  # built optionally (no compiler at install time): decode_batch does it all
+    pack_u32_array = None
 
 
 class EventDecodeError(ValueError):
@@ -56,6 +73,13 @@ _TYPED_DECODERS: tuple[msgspec.msgpack.Decoder[Any], ...] = (
     msgspec.msgpack.Decoder(KVEventBatch),
     msgspec.msgpack.Decoder(KVEventBatchMap),
 )
+_PACKED_DECODERS: tuple[msgspec.msgpack.Decoder[Any], ...] = (
+    msgspec.msgpack.Decoder(KVEventBatchPacked),
+    msgspec.msgpack.Decoder(KVEventBatchPackedMap),
+)
+_PACKED_STORED = (BlockStoredPacked, BlockStoredPackedMap)
+#: The packed token ids are read as array('I'): only where that is 4 bytes an item.
+PACKED_AVAILABLE = pack_u32_array is not None and array("I").itemsize == 4
 _ARRAY_EVENT_TYPES: dict[str, type[KVEvent]] = {
     "BlockStored": BlockStored,
     "BlockRemoved": BlockRemoved,
@@ -81,6 +105,26 @@ def decode_batch(payload: bytes | memoryview) -> DecodedBatch:
     except msgspec.DecodeError as exc:
         raise EventDecodeError(f"payload is not msgpack: {exc}") from None
     return _decode_generic(raw)
+
+
+def decode_batch_packed(payload: bytes | memoryview) -> DecodedBatch:
+    """`decode_batch`, with each `BlockStored`'s `token_ids` an `array('I')` (see module doc)."""
+    if not PACKED_AVAILABLE:
+        return decode_batch(payload)
+    pack = pack_u32_array
+    for decoder in _PACKED_DECODERS:
+        try:
+            batch = decoder.decode(payload)
+        except msgspec.DecodeError:
+            continue
+        for ev in batch.events:
+            if isinstance(ev, _PACKED_STORED):
+                packed = pack(ev.token_ids)  # type: ignore[misc]
+                if packed is None:
+                    return decode_batch(payload)
+                ev.token_ids = array("I", packed)
+        return DecodedBatch(batch.ts, batch.events, batch.data_parallel_rank)
+    return decode_batch(payload)
 
 
 def _decode_generic(raw: Any) -> DecodedBatch:

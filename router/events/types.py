@@ -92,3 +92,30 @@ class KVEventBatchMap(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fa
     ts: float
     events: list[KVEventMap]
     data_parallel_rank: int | None = None
+
+
+# ---------------------------------------------------------------------------------- packed form
+# What the ingester decodes into (`decode.decode_batch_packed`): the same structs, except that
+# a `BlockStored`'s token ids are kept as their raw msgpack and then packed into an
+# `array('I')` by the C extension, so no Python int is made per token. Subclasses again, with
+# the same tags: `isinstance(event, BlockStored)` holds and the wire is the same.
+
+
+class BlockStoredPacked(BlockStored, tag="BlockStored"):
+    token_ids: msgspec.Raw  # type: ignore[assignment]  # an array('I') once decoded
+
+
+class BlockStoredPackedMap(BlockStoredMap, tag="BlockStored"):
+    token_ids: msgspec.Raw  # type: ignore[assignment]
+
+
+class KVEventBatchPacked(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    ts: float
+    events: list[BlockStoredPacked | BlockRemoved | AllBlocksCleared]
+    data_parallel_rank: int | None = None
+
+
+class KVEventBatchPackedMap(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    ts: float
+    events: list[BlockStoredPackedMap | BlockRemovedMap | AllBlocksClearedMap]
+    data_parallel_rank: int | None = None
