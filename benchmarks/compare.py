@@ -58,8 +58,11 @@ load relative to the fleet's capacity does not change with it).
 
 The setting meant to be valid: the defaults (`--pods 4 --speedup 1 --requests 300`, one core a
 side): the measuring side itself used 0.18-0.28 of its core (`fleet_cpu_share`, multi-turn and
-Mooncake, 2026-12-02), which leaves it mostly idle on a quiet machine. Not yet shown valid:
-on that day the machine ran other jobs (load average 9-20, the fleet core 100% busy), and every
+Mooncake, 2026-12-02), which leaves it mostly idle on a quiet machine. Shown valid on a
+quiet machine 2026-12-03 (kvroute and sglang-router cache_aware, 3 runs each): multi-turn 6 of
+6 runs, Mooncake 4 of 6 (harness lag p99 1.1-1.8 ms), after the load generator's send path
+(router/loadgen_http.py) and the pods' cached `/metrics` text. Earlier, on 2026-12-02,
+the machine ran other jobs (load average 9-20, the fleet core 100% busy), and every
 run was INVALID (step lag p99 46-841 ms). The load generator renders every prompt's text before the
 run starts (`LoadGenerator._prerender`, up to 256 MB of text): rendered at send time on its
 event loop (`tokens_to_text`, ~5.6 ms CPU a Mooncake prompt on average, tens of ms for the
@@ -80,7 +83,8 @@ Raw overhead: four zero-latency pods (benchmarks/zero_latency_pod.py, one proces
 small non-streaming completions at concurrency 64 straight to a pod ("direct") and through each
 router: requests/s, and the router's added latency (its p50/p99 minus direct's).
 
-Output: a table per workload (valid runs ranked by TTFT p95), the overhead table, `--json OUT`
+Output: a table per workload (valid rows ranked by TTFT p95; a row of `--repeats` runs is the
+median of its valid runs when most were valid, see `median_row`), the overhead table, `--json OUT`
 (the object `{"runs": [...], "overhead": [...]}` plus `settings`, `machine`, `versions`,
 `skipped`; each run also has `valid`, `rank`, `lag_p99_ms` and its parts, `router_cpus`, and
 `pod_requests`, the requests each pod served), `--plot DIR` (ttft_p95.png, hit_rate.png,
@@ -145,6 +149,7 @@ RUN_FIELDS = (
     "output_tokens_per_s", "hit_rate", "failed", "router_cpu_s", "router_peak_rss_mb",
     "step_lag_p99_ms", "send_lag_p99_ms", "loop_lag_p99_ms", "lag_p99_ms", "valid", "rank",
     "router_cpus", "pod_requests", "fleet_cpu_busy", "fleet_cpu_share", "loadavg_1m",
+    "runs", "valid_runs",
 )  # fmt: skip
 #: Figures a repeated run reports as the median (the rest: see `median_row`).
 MEDIAN_FIELDS = RUN_FIELDS[2:11]
@@ -507,28 +512,40 @@ def summarize(
         "fleet_cpu_busy": None,
         "fleet_cpu_share": None,
         "loadavg_1m": round(os.getloadavg()[0], 2),
+        "runs": 1,
+        "valid_runs": int(valid),
     }
     ttfts = [r.ttft_s for r in report.results if r.ok and r.ttft_s is not None]
     return RunResult(row, ttfts, s["errors"])
 
 
 def median_row(results: list[RunResult]) -> dict[str, Any]:
-    """One row for repeated runs: the median of each figure, the sum of failures and of each
-    pod's requests, the worst lag (and fleet-core busy share, load average); valid only if
-    every run was."""
-    rows = [r.row for r in results]
+    """One row for repeated runs. When most runs were valid, the figures are the medians of
+    the valid runs and their worst lag, and the row is valid: a run flagged INVALID is left
+    out, not averaged in (its TTFTs carry the harness's delay). Otherwise the row is invalid,
+    with the medians and the worst lag of every run. Failures and each pod's requests are
+    summed over every run; `runs` and `valid_runs` say how many there were."""
+    all_rows = [r.row for r in results]
+    valid_rows = [r for r in all_rows if r["valid"]]
+    valid = 2 * len(valid_rows) > len(all_rows)
+    rows = valid_rows if valid else all_rows
     out = dict(rows[0])
     for key in MEDIAN_FIELDS:
-        values = [r[key] for r in rows if r[key] is not None]
         if key == "failed":
-            out[key] = sum(values)
-        elif values:
+            out[key] = sum(r[key] for r in all_rows if r[key] is not None)
+            continue
+        values = [r[key] for r in rows if r[key] is not None]
+        if values:
             out[key] = round(statistics.median(values), 6)
     for key in (*LAG_FIELDS, "fleet_cpu_busy", "fleet_cpu_share", "loadavg_1m"):
         values = [r[key] for r in rows if r.get(key) is not None]
         out[key] = max(values) if values else None
-    out["valid"] = all(r["valid"] for r in rows)
-    out["pod_requests"] = [sum(col) for col in zip(*(r["pod_requests"] for r in rows), strict=True)]
+    out["valid"] = valid
+    out["runs"] = len(all_rows)
+    out["valid_runs"] = len(valid_rows)
+    out["pod_requests"] = [
+        sum(col) for col in zip(*(r["pod_requests"] for r in all_rows), strict=True)
+    ]
     return out
 
 
@@ -596,7 +613,7 @@ def say(*a: object) -> None:
 def format_runs(rows: list[dict[str, Any]]) -> str:
     head = (
         f"{'router':<27}{'TTFT p50':>9}{'p95':>8}{'p99':>8}{'TPOT p50':>10}{'out tok/s':>10}"
-        f"{'hit rate':>9}{'failed':>7}{'CPU s':>7}{'RSS MB':>8}{'lag p99':>11}{'rank':>9}"
+        f"{'hit rate':>9}{'failed':>7}{'CPU s':>7}{'RSS MB':>8}{'lag p99':>11}{'rank':>13}"
     )
     lines: list[str] = []
     for wl in dict.fromkeys(r["workload"] for r in rows):
@@ -607,13 +624,15 @@ def format_runs(rows: list[dict[str, Any]]) -> str:
                 return "-" if v is None else format(v, fmt)
 
             rank = "INVALID" if not r.get("valid", True) else f(r.get("rank"), "d")
+            if (r.get("runs") or 1) > 1:  # how many of the repeats the figures are from
+                rank += f" {r.get('valid_runs')}/{r['runs']}"
             lines.append(
                 f"{r['router']:<27}{f(r['ttft_p50_s'], '.3f'):>9}{f(r['ttft_p95_s'], '.3f'):>8}"
                 f"{f(r['ttft_p99_s'], '.3f'):>8}"
                 f"{f(r['tpot_p50_s'] and r['tpot_p50_s'] * 1000, '.1f') + 'ms':>10}"
                 f"{r['output_tokens_per_s']:>10,.0f}{r['hit_rate']:>9.1%}{r['failed']:>7d}"
                 f"{r['router_cpu_s']:>7.1f}{r['router_peak_rss_mb']:>8.0f}"
-                f"{f(r.get('lag_p99_ms'), '.2f') + 'ms':>11}{rank:>9}"
+                f"{f(r.get('lag_p99_ms'), '.2f') + 'ms':>11}{rank:>13}"
             )
     return "\n".join(lines)
 

@@ -37,11 +37,12 @@ import time
 from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
-import aiohttp
 import msgspec
 import numpy as np
 
+from router.loadgen_http import ConnectionPool, HttpError, Origin, request_bytes
 from router.loop_lag import LoopLagProbe
 from router.sim.traces import trace_workload
 from router.sim.workloads import WORKLOADS, Arrival, Workload, make_workload
@@ -58,12 +59,16 @@ _decode_event = msgspec.json.Decoder().decode
 
 #: A request body's JSON (msgspec: a 200 KB prompt in ~0.1 ms, several times json.dumps).
 _encode_body = msgspec.json.Encoder().encode
-_JSON = {"Content-Type": "application/json"}
 
 #: Interval of the event-loop lag probe (seconds).
 LOOP_PROBE_S = 0.005
 #: How long before a request is due its timer fires (see `sleep_until`).
 WAKE_EARLY_S = 0.0015
+#: How long before an open loop's request is due it is built (seconds).
+PREPARE_AHEAD_S = 0.02
+#: An open loop's schedule starts this long after the run does (seconds): its first burst,
+#: due as the run started, left ~2 ms late, the harness's own lag p99 on a Mooncake trace.
+OPEN_LOOP_LEAD_S = 0.1
 #: Text rendered before a run starts, at most (characters; ~5 a token).
 PRERENDER_CHARS = 256 << 20
 
@@ -115,11 +120,12 @@ class LoadSettings:
     headers: dict[str, str] = field(default_factory=dict)
     #: Cap on max_tokens sent (None = the workload's output length).
     max_tokens_cap: int | None = None
-    #: Keep-alive connections to open before the timed run (GETs of `/v1/models`), so the
-    #: first requests do not pay for TCP connects: opened as the run's first burst arrived,
-    #: ten connections were most of the run's send lag p99 (a Mooncake burst's last request
-    #: 2.8 ms late). None: as many as the run has requests out at once at first (a closed
-    #: loop's `concurrency`, an open loop's `largest_burst`).
+    #: Keep-alive connections to open before the timed run (and, in an open loop, to keep
+    #: idle: see `router/loadgen_http.py`), so requests do not pay for TCP connects: opened
+    #: as the run's first burst arrived, ten connections were most of the run's send lag
+    #: p99 (a Mooncake burst's last request 2.8 ms late). None: as many as the run has
+    #: requests out at once at first (a closed loop's `concurrency`, an open loop's
+    #: `largest_burst`).
     warm_connections: int | None = 0
 
 
@@ -195,6 +201,7 @@ class LoadGenerator:
         self._stopped = False
         #: Each chat request's new text, rendered before the run (see `_prerender`).
         self._texts: list[str | None] = [None] * len(self.arrivals)
+        self._headers = {**settings.headers, "Content-Type": "application/json"}
 
     def stop(self) -> None:
         """End the run now (from the loop's thread, e.g. a signal handler): requests in
@@ -229,23 +236,23 @@ class LoadGenerator:
     async def run(self) -> LoadReport:
         s = self.settings
         self._prerender()
-        # aiohttp, not httpx: ~2.3x less client CPU per streamed request here (1.5 vs 3.5 ms
-        # for a multi-turn chat of 64 tokens), and the client shares its core with the fleet
-        # it measures. Timeouts as httpx's were: per connect and per read, not per request.
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=s.timeout_s, sock_read=s.timeout_s)
-        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0)
-        async with aiohttp.ClientSession(
-            connector=connector, timeout=timeout, headers=s.headers
-        ) as client:
+        pool = ConnectionPool(s.timeout_s)
+        try:
             warm = self._connections_wanted() if s.warm_connections is None else s.warm_connections
             if warm > 0:
-                await self._warm(client, warm)
+                # Kept topped up in an open loop, whose requests out at once keep growing
+                # when the server falls behind; a closed loop's never exceed its concurrency.
+                with contextlib.suppress(OSError, TimeoutError, ValueError):
+                    await pool.warm(s.base_url, warm, keep=s.rate is not None)
             probe = LoopLagProbe(asyncio.get_running_loop(), LOOP_PROBE_S)
             start = time.perf_counter()
             if s.rate is not None:
-                self._work = asyncio.ensure_future(self._open_loop(client, start))
+                # Time 0 of the schedule a little ahead, so the first burst is not due while
+                # the loop is still starting every request's task and building the first.
+                start += OPEN_LOOP_LEAD_S
+                self._work = asyncio.ensure_future(self._open_loop(pool, start))
             else:
-                self._work = asyncio.ensure_future(self._closed_loop(client, s.concurrency or 1))
+                self._work = asyncio.ensure_future(self._closed_loop(pool, s.concurrency or 1))
             if self._stopped:
                 self._work.cancel()
             try:
@@ -256,6 +263,8 @@ class LoadGenerator:
             finally:
                 lags = probe.stop()
             wall = time.perf_counter() - start
+        finally:
+            await pool.close()
         done = [r for r in self.results if r is not None]
         return LoadReport(done, wall, lags, self._stopped, len(self.arrivals))
 
@@ -264,19 +273,7 @@ class LoadGenerator:
             return self.settings.concurrency or 1
         return largest_burst([a.time_s for a in self.arrivals if a.prev < 0])
 
-    async def _warm(self, client: aiohttp.ClientSession, connections: int) -> None:
-        """Open `connections` keep-alive connections at once (a server that refuses the GET
-        still leaves its connection open; one that fails it costs only the warm-up)."""
-        url = self.settings.base_url.rstrip("/") + "/v1/models"
-
-        async def get() -> None:
-            with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError):
-                async with client.get(url) as r:
-                    await r.read()
-
-        await asyncio.gather(*(get() for _ in range(connections)))
-
-    async def _closed_loop(self, client: aiohttp.ClientSession, concurrency: int) -> None:
+    async def _closed_loop(self, pool: ConnectionPool, concurrency: int) -> None:
         queue: asyncio.Queue[Arrival] = asyncio.Queue()
         for a in self.arrivals:
             queue.put_nowait(a)
@@ -287,11 +284,11 @@ class LoadGenerator:
                 due = await self._after_prev(
                     a, self.settings.think_scale * a.think_s, time.perf_counter()
                 )
-                await self._one(client, a, due)
+                await self._one(pool, a, due)
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
 
-    async def _open_loop(self, client: aiohttp.ClientSession, start: float) -> None:
+    async def _open_loop(self, pool: ConnectionPool, start: float) -> None:
         assert self.settings.rate is not None
         # The workload's own times are at its own rate: rescale to ours.
         total = self.arrivals[-1].time_s if self.arrivals else 0.0
@@ -299,18 +296,18 @@ class LoadGenerator:
 
         async def launch(a: Arrival) -> None:
             due = start + a.time_s * scale
-            await sleep_until(due)
+            # Woken a little early, so the request is built before it is due.
+            await asyncio.sleep(max(0.0, due - time.perf_counter() - PREPARE_AHEAD_S))
             due = await self._after_prev(a, 0.0, due)
-            await self._one(client, a, due)
+            await self._one(pool, a, due)
 
         await asyncio.gather(*(launch(a) for a in self.arrivals))
 
     async def _after_prev(self, a: Arrival, think_s: float, due: float) -> float:
-        """Wait for the previous turn's answer (and think time); the time `a` is due then."""
+        """Wait for the previous turn's answer; the time `a` is due then (with think time)."""
         if a.prev >= 0:
             await self._done[a.prev].wait()
             due = max(due, self._finished_at[a.prev] + think_s)
-            await sleep_until(due)
         return due
 
     # ---------------------------------------------------------------- one request
@@ -344,22 +341,25 @@ class LoadGenerator:
         messages = [*history, {"role": "user", "content": text}]
         return "/v1/chat/completions", {**common, "messages": messages, "user": a.session}
 
-    async def _one(
-        self, client: aiohttp.ClientSession, a: Arrival, due: float | None = None
-    ) -> None:
+    async def _one(self, pool: ConnectionPool, a: Arrival, due: float) -> None:
+        """Build request `a`, send it when it is due, and record what the client saw."""
         path, body = self._body(a)
-        url = self._base_url(a).rstrip("/") + path
-        sent = time.perf_counter()
-        result = RequestResult(a.index, False, 0, sent, due_at=due)
+        url = self._base_url(a).rstrip("/")
+        result = RequestResult(a.index, False, 0, 0.0, due_at=due)
         text: list[str] = []
         chunks = 0
         try:
-            async with client.post(url, data=_encode_body(body), headers=_JSON) as r:
+            origin = Origin.of(url)
+            target = urlsplit(url).path + path
+            data = request_bytes("POST", origin, target, _encode_body(body), self._headers)
+            await sleep_until(due)
+            sent = result.sent_at = time.perf_counter()
+            async with pool.send(origin, data) as r:
                 result.status = r.status
                 if r.status != 200:
                     result.error = (await r.read()).decode(errors="replace")[:300]
                 else:
-                    async for line in sse_lines(r.content.iter_any()):
+                    async for line in sse_lines(r.iter_chunks()):
                         if not line.startswith("data: ") or line == "data: [DONE]":
                             continue
                         event = _decode_event(line[6:])
@@ -378,9 +378,11 @@ class LoadGenerator:
                             result.prompt_tokens = usage.get("prompt_tokens")
                     else:
                         result.ok = True
-        except (aiohttp.ClientError, TimeoutError, msgspec.DecodeError, OSError) as e:
+        except (HttpError, TimeoutError, msgspec.DecodeError, OSError, ValueError) as e:
             result.error = f"{type(e).__name__}: {e}"
-        result.e2e_s = time.perf_counter() - sent
+        if not result.sent_at:
+            result.sent_at = time.perf_counter()
+        result.e2e_s = time.perf_counter() - result.sent_at
         if result.ok and not result.output_tokens:
             result.output_tokens = chunks
         self.results[a.index] = result
@@ -421,7 +423,7 @@ async def sleep_until(due: float) -> None:
 
 async def sse_lines(chunks: AsyncIterable[bytes]) -> AsyncIterator[str]:
     """The lines of an SSE body from its chunks as they arrive, split anywhere (any length:
-    aiohttp's own line reader refuses lines over its buffer limit)."""
+    a stream reader's own line reader refuses lines over its buffer limit)."""
     pending = b""
     async for chunk in chunks:
         pending += chunk

@@ -264,23 +264,26 @@ def test_invalid_runs_are_not_ranked() -> None:
     assert line_b.rstrip().endswith("INVALID")
 
 
-def test_repeats_take_the_worst_lag_and_sum_pod_requests() -> None:
+def test_repeats_leave_out_invalid_runs_when_most_are_valid() -> None:
     base = {"hit_rate": 0.5, "ttft_p50_s": 0.1, "ttft_p99_s": 1.0}
-    runs = [
-        compare.RunResult(
-            _row("a", 0.4, True, lag_p99_ms=1.0, step_lag_p99_ms=1.0, pod_requests=[3, 1]) | base
-        ),
-        compare.RunResult(
-            _row("a", 0.2, False, lag_p99_ms=3.0, step_lag_p99_ms=3.0, pod_requests=[1, 3]) | base
-        ),
-        compare.RunResult(
-            _row("a", 0.3, True, lag_p99_ms=1.5, step_lag_p99_ms=1.5, pod_requests=[2, 2]) | base
-        ),
-    ]
+
+    def run(p95: float, valid: bool, lag: float, pods: list[int]) -> compare.RunResult:
+        row = _row("a", p95, valid, lag_p99_ms=lag, step_lag_p99_ms=lag, pod_requests=pods)
+        return compare.RunResult(row | base)
+
+    runs = [run(0.4, True, 1.0, [3, 1]), run(0.2, False, 3.0, [1, 3]), run(0.3, True, 1.5, [2, 2])]
+    row = compare.median_row(runs)
+    # the valid runs' median and worst lag; the invalid run's requests still counted
+    assert row["ttft_p95_s"] == pytest.approx(0.35)
+    assert row["lag_p99_ms"] == 1.5 and row["valid"] is True
+    assert (row["runs"], row["valid_runs"]) == (3, 2)
+    assert row["pod_requests"] == [6, 6]
+    # one valid run of three: the row is invalid, over every run
+    runs[2] = run(0.3, False, 2.5, [2, 2])
     row = compare.median_row(runs)
     assert row["ttft_p95_s"] == pytest.approx(0.3)
     assert row["lag_p99_ms"] == 3.0 and row["valid"] is False
-    assert row["pod_requests"] == [6, 6]
+    assert (row["runs"], row["valid_runs"]) == (3, 1)
 
 
 async def test_loop_lag_probe_sees_a_blocked_loop() -> None:

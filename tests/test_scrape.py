@@ -4,6 +4,7 @@ real HTTP server on 127.0.0.1 serving such pages (healthy, stalled, failing, gar
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import AsyncIterator, Sequence
 
 import pytest
@@ -384,7 +385,7 @@ async def test_a_round_spreads_its_pods_scrapes_over_the_interval() -> None:
         for s in servers:
             await s.stop()
     firsts = [s.hit_times[0] for s in servers]
-    gaps = [b - a for a, b in zip(firsts, firsts[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(firsts)]
     assert all(0.07 <= g <= 0.2 for g in gaps), gaps  # 0.1 s apart, in registry order
     # every pod is still scraped once a round: ~2.5 rounds in 1 s
     assert all(2 <= s.hits <= 3 for s in servers), [s.hits for s in servers]

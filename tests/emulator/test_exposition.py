@@ -48,6 +48,8 @@ amounts = st.floats(min_value=0, max_value=1e7, allow_nan=False)
 def test_same_text_as_prometheus_client_for_any_values(
     ops: list[tuple[str, str, float]], doc: str, gauge: float
 ) -> None:
+    """Rendered after every write and once more with none between (the families keep their
+    text between renders and must make it again after any change)."""
     reg = CollectorRegistry(auto_describe=False)
     ours = MetricsText()
     buckets = (0.001, 0.5, 1.0, 1e6)
@@ -75,6 +77,8 @@ def test_same_text_as_prometheus_client_for_any_values(
         else:
             pl.observe(x / 1e7)
             ol.labels().observe(x / 1e7)
+        _same_text(ours.render(), generate_latest(reg))
+    _same_text(ours.render(), generate_latest(reg))
     _same_text(ours.render(), generate_latest(reg))
 
 
