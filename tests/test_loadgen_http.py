@@ -58,6 +58,17 @@ async def read_request(r: asyncio.StreamReader) -> tuple[bytes, bytes]:
     return head, await r.readexactly(length)
 
 
+def answer_once(response: bytes) -> Handler:
+    """A handler that reads one request, writes `response` and ends the connection."""
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_request(r)
+        w.write(response)
+        await w.drain()
+
+    return handler
+
+
 def chunked(pieces: list[bytes]) -> bytes:
     return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces if p) + b"0\r\n\r\n"
 
@@ -126,13 +137,8 @@ async def test_the_request_is_written_as_built(pool):
 
 
 async def test_a_connection_the_server_closed_while_idle_is_replaced_without_an_error(pool):
-    async def handler(r, w):
-        await read_request(r)
-        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-        await w.drain()
-        # then close, as a server whose keep-alive timeout ran out
-
-    async with RawServer(handler) as srv:
+    # each connection closed after one answer, as by a server whose keep-alive timeout ran out
+    async with RawServer(answer_once(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")) as srv:
         origin = Origin.of(srv.url)
         for _ in range(3):
             async with pool.send(origin, request_bytes("GET", origin, "/")) as resp:
@@ -142,12 +148,8 @@ async def test_a_connection_the_server_closed_while_idle_is_replaced_without_an_
 
 
 async def test_connection_close_and_read_to_end_bodies_are_not_reused(pool):
-    async def handler(r, w):
-        await read_request(r)
-        w.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil the end")
-        await w.drain()
-
-    async with RawServer(handler) as srv:
+    answer = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil the end"
+    async with RawServer(answer_once(answer)) as srv:
         origin = Origin.of(srv.url)
         for _ in range(2):
             async with pool.send(origin, request_bytes("GET", origin, "/")) as resp:
@@ -218,12 +220,7 @@ async def test_a_silent_server_times_out_between_reads_not_over_the_whole_respon
 
 
 async def test_a_malformed_status_line_is_an_http_error(pool):
-    async def handler(r, w):
-        await read_request(r)
-        w.write(b"SSH-2.0-OpenSSH\r\n\r\n")
-        await w.drain()
-
-    async with RawServer(handler) as srv:
+    async with RawServer(answer_once(b"SSH-2.0-OpenSSH\r\n\r\n")) as srv:
         origin = Origin.of(srv.url)
         with pytest.raises(HttpError, match=r"not an HTTP/1\.1 status line"):
             async with pool.send(origin, request_bytes("GET", origin, "/")):
