@@ -23,9 +23,9 @@ Method
   yielding cost (≈1 means nothing).
 - Breakdown (same payloads, synchronous loop, no asyncio): time per block in decode
   (`decode_batch_packed`, the ingester's: msgspec typed decode with token ids packed into an
-  `array('I')` by the C extension, or plain `decode_batch` and a list → `array('I')`
-  conversion where the extension is not built — `packed_decode` says which), keying
-  (`token_block_keys` over that `array('I')`), and `BlockIndex.add_blocks`, so the
+  `array('I')` by the C extension, or plain `decode_batch` where the extension is not built —
+  `packed_decode` says which), keying (`token_block_keys` over those token ids, as the
+  ingester calls it), and `BlockIndex.add_blocks`, so the
   figure can be read against its parts. `--profile` prints the cProfile top functions of one
   run. ZMQ transport is not included (see the subscriber tests for the wire).
 """
@@ -43,7 +43,6 @@ import random
 import statistics
 import sys
 import time
-from array import array
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -133,15 +132,9 @@ def breakdown(payloads: list[tuple[str, int, bytes]], block: BlockConfig) -> dic
     for pod, _, p in payloads:
         t0 = clock()
         events = decode_batch_packed(p).events
-        tokens = [
-            ev.token_ids if isinstance(ev.token_ids, array) else array("I", ev.token_ids)
-            for ev in events
-        ]
         t1 = clock()
-        keyed = [
-            (token_block_keys(toks, block.block_size, block.seed), ev)
-            for toks, ev in zip(tokens, events, strict=True)
-        ]
+        bs, seed = block.block_size, block.seed
+        keyed = [(token_block_keys(ev.token_ids, bs, seed), ev) for ev in events]
         t2 = clock()
         for keys, ev in keyed:
             index.add_blocks(pod, keys, engine_hashes=ev.block_hashes, tier=Tier.GPU, now=0.0)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 #: Delay before idle connections used by a burst are reopened (seconds).
@@ -39,7 +39,7 @@ class HttpError(Exception):
     before the response did."""
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Origin:
     host: str
     port: int
@@ -94,7 +94,7 @@ class Response:
     _timeout: asyncio.Timeout
     _timeout_s: float
     _done: bool = False
-    _reusable: bool = field(default=False)
+    _reusable: bool = False
 
     def _tick(self) -> None:
         self._timeout.reschedule(asyncio.get_running_loop().time() + self._timeout_s)
@@ -159,9 +159,9 @@ class ConnectionPool:
 
     def __init__(self, timeout_s: float = 300.0) -> None:
         self.timeout_s = timeout_s
-        self._idle: dict[tuple[str, int], list[_Conn]] = {}
-        self._spare: dict[tuple[str, int], int] = {}
-        self._refill: set[tuple[str, int]] = set()
+        self._idle: dict[Origin, list[_Conn]] = {}
+        self._spare: dict[Origin, int] = {}
+        self._refill: set[Origin] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
         #: Connections opened (warm-ups, refills and on demand).
@@ -179,60 +179,54 @@ class ConnectionPool:
         if self._closed or not conn.usable():
             conn.close()
             return
-        self._idle.setdefault((origin.host, origin.port), []).append(conn)
+        self._idle.setdefault(origin, []).append(conn)
 
     def _take(self, origin: Origin) -> _Conn | None:
-        key = (origin.host, origin.port)
-        idle = self._idle.get(key)
-        while idle:
+        idle = self._idle.get(origin, [])
+        conn = None
+        while idle and conn is None:
             conn = idle.pop()
-            if conn.usable():
-                if len(idle) < self._spare.get(key, 0):
-                    self._schedule_refill(origin)
-                return conn
-            conn.close()
-        if self._spare.get(key, 0):
+            if not conn.usable():
+                conn.close()
+                conn = None
+        if len(idle) < self._spare.get(origin, 0):
             self._schedule_refill(origin)
-        return None
+        return conn
 
     def _schedule_refill(self, origin: Origin) -> None:
-        key = (origin.host, origin.port)
-        if key in self._refill or self._closed:
+        if origin in self._refill or self._closed:
             return
-        self._refill.add(key)
+        self._refill.add(origin)
         task = asyncio.get_running_loop().create_task(self._top_up(origin))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _top_up(self, origin: Origin) -> None:
-        key = (origin.host, origin.port)
         try:
             await asyncio.sleep(REFILL_DELAY_S)
-            want = self._spare.get(key, 0) - len(self._idle.get(key, []))
-            if want > 0:
-                with contextlib.suppress(OSError, TimeoutError):
-                    conns = await asyncio.gather(*(self._open(origin) for _ in range(want)))
-                    for c in conns:
-                        self._put(origin, c)
+            with contextlib.suppress(OSError, TimeoutError):
+                await self._fill(origin, self._spare.get(origin, 0))
         finally:
-            self._refill.discard(key)
+            self._refill.discard(origin)
+
+    async def _fill(self, origin: Origin, n: int) -> None:
+        """Open connections to `origin` until `n` are idle."""
+        want = n - len(self._idle.get(origin, []))
+        if want > 0:
+            for c in await asyncio.gather(*(self._open(origin) for _ in range(want))):
+                self._put(origin, c)
 
     async def warm(self, url: str, n: int, keep: bool = False) -> None:
         """Open connections to `url`'s origin until `n` are idle; with `keep`, keep about
         that many idle from now on (reopened after use). Raises OSError when the server is
         not up."""
         origin = Origin.of(url)
-        key = (origin.host, origin.port)
         if keep:
-            self._spare[key] = n
-        want = n - len(self._idle.get(key, []))
-        if want > 0:
-            for c in await asyncio.gather(*(self._open(origin) for _ in range(want))):
-                self._put(origin, c)
+            self._spare[origin] = n
+        await self._fill(origin, n)
 
     def idle_count(self, url: str) -> int:
-        o = Origin.of(url)
-        return len(self._idle.get((o.host, o.port), []))
+        return len(self._idle.get(Origin.of(url), []))
 
     @contextlib.asynccontextmanager
     async def send(self, origin: Origin, data: bytes) -> AsyncIterator[Response]:

@@ -1,6 +1,5 @@
 """The load generator's HTTP/1.1 client (`router/loadgen_http.py`) against real loopback
-servers: raw asyncio servers where the test needs to control the bytes, aiohttp where it is
-any HTTP server."""
+servers (raw asyncio servers, so each test controls the bytes)."""
 
 from __future__ import annotations
 
@@ -8,7 +7,6 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
-from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -228,19 +226,15 @@ async def test_a_malformed_status_line_is_an_http_error(pool):
 
 
 async def test_warm_keeps_spare_connections_open_after_a_burst_used_them(pool):
-    async def handler(request: web.Request) -> web.Response:
-        await asyncio.sleep(0.02)
-        return web.Response(text="ok")
+    async def handler(r, w):
+        while True:
+            await read_request(r)
+            await asyncio.sleep(0.02)  # all four requests of the burst out at once
+            w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await w.drain()
 
-    app = web.Application()
-    app.router.add_post("/v1/x", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        url = f"http://127.0.0.1:{port}"
+    async with RawServer(handler) as srv:
+        url = srv.url
         await pool.warm(url, 4, keep=True)
         assert pool.idle_count(url) == 4 and pool.opened == 4
         origin = Origin.of(url)
@@ -256,8 +250,6 @@ async def test_warm_keeps_spare_connections_open_after_a_burst_used_them(pool):
             if pool.idle_count(url) >= 4:
                 break
         assert pool.idle_count(url) >= 4
-    finally:
-        await runner.cleanup()
 
 
 def test_only_plain_http_urls_are_accepted():

@@ -34,7 +34,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from array import array
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
@@ -86,9 +85,6 @@ class EventStats:
     #: Longest single apply slice (ms) — the most the feed delayed the event loop at once.
     max_slice_ms: float = 0.0
 
-
-# array('I') is 4 bytes on every mainstream platform; where not, keying takes the plain list.
-_U32_ARRAY = array("I").itemsize == 4
 
 # A queued item: (seq, payload); payload None means "clear the pod here".
 _Item = tuple[int, bytes | None]
@@ -305,13 +301,9 @@ class KVEventIngester:
                 self.stats.orphans += 1
                 log.debug("kv events: pod %s stored blocks under unknown parent", pod)
         try:
-            # Decoding packed them into an array('I') already (`decode_batch_packed`); when it
-            # could not, array('I') converts the list ~3x faster than numpy does. The key
-            # function stays the one in router.blocks.
-            tokens = ev.token_ids
-            if _U32_ARRAY and not (isinstance(tokens, array) and tokens.typecode == "I"):
-                tokens = array("I", tokens)
-            keys = token_block_keys(tokens, router_bs, self.seed, ev.lora_name, parent)
+            # Decoding packed them into an array('I') (`decode_batch_packed`) where it could;
+            # token_block_keys takes that in place and converts a plain list itself.
+            keys = token_block_keys(ev.token_ids, router_bs, self.seed, ev.lora_name, parent)
         except (OverflowError, ValueError, TypeError):
             self.stats.invalid_events += 1
             return
