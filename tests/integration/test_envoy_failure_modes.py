@@ -157,6 +157,21 @@ async def _open_stream(
     return chunks
 
 
+async def _until_streams_ended(metrics_port: int) -> None:
+    """Wait until the picker has ended its ext_proc streams (it does so right after answering
+    the response headers when the body is not sent to it), plus a moment for the gRPC status
+    to reach Envoy: killed before that, the stream was still open and Envoy rightly turns its
+    reset into an error for the client (seen once in CI)."""
+    async with httpx.AsyncClient() as c:
+        for _ in range(200):
+            page = (await c.get(f"http://127.0.0.1:{metrics_port}/metrics")).text
+            if "kvroute_extproc_streams_active 0.0" in page:
+                await asyncio.sleep(0.05)
+                return
+            await asyncio.sleep(0.01)
+    raise AssertionError("the picker kept its ext_proc stream open")
+
+
 async def _rest(chunks: AsyncIterator[bytes]) -> tuple[bytes, str | None]:
     """The rest of a stream and, when it broke, the error the client got."""
     text = b""
@@ -176,6 +191,7 @@ async def test_picker_killed_mid_stream_the_stream_survives_without_response_bod
     async with fleet.picker() as picker, fleet.client(mode) as client:
         async with contextlib.AsyncExitStack() as stack:
             chunks = await _open_stream(client, stack, "a long answer")
+            await _until_streams_ended(fleet.metrics_port)
             await picker.kill()
             rest, error = await _rest(chunks)
         assert error is None
