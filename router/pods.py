@@ -29,6 +29,9 @@ class MetricsSnapshot:
     running_adapters: frozenset[str] = frozenset()
     waiting_adapters: frozenset[str] = frozenset()
     block_size: int | None = None
+    #: KV cache capacity in blocks (`cache_config_info`'s `num_gpu_blocks`, summed over
+    #: engines); None when the page does not say.
+    num_gpu_blocks: int | None = None
     #: `process_start_time_seconds` of the engine (wall clock); a change means it restarted.
     process_start_time: float | None = None
     #: vLLM's `prefix_cache_queries_total` / `prefix_cache_hits_total` (tokens), summed over

@@ -115,6 +115,7 @@ def parse_vllm_metrics(text: str, model: str | None = None, *, now: float) -> Me
     # Per engine, the lora_requests_info sample with the greatest value (= latest timestamp).
     lora_latest: dict[str, tuple[float, str, str]] = {}
     block_size: int | None = None
+    gpu_blocks: dict[str, int] = {}  # per engine label
     start_time: float | None = None
     counters: dict[str, float] = {}
     try:
@@ -159,8 +160,12 @@ def parse_vllm_metrics(text: str, model: str | None = None, *, now: float) -> Me
                             labels.get("running_lora_adapters", ""),
                             labels.get("waiting_lora_adapters", ""),
                         )
-                elif name == CACHE_CONFIG and "block_size" in labels:
-                    block_size = _positive_int(labels["block_size"]) or block_size
+                elif name == CACHE_CONFIG:
+                    if "block_size" in labels:
+                        block_size = _positive_int(labels["block_size"]) or block_size
+                    blocks = _positive_int(labels.get("num_gpu_blocks", ""))
+                    if blocks:
+                        gpu_blocks[labels.get("engine", "")] = blocks
     except MetricsParseError:
         raise
     except Exception as exc:  # the parser raises ValueError, but also others on odd bytes
@@ -186,6 +191,7 @@ def parse_vllm_metrics(text: str, model: str | None = None, *, now: float) -> Me
         running_adapters=frozenset(running_adapters),
         waiting_adapters=frozenset(waiting_adapters),
         block_size=block_size,
+        num_gpu_blocks=sum(gpu_blocks.values()) or None,
         process_start_time=start_time,
         prefix_cache_queries=counters.get(PREFIX_QUERIES),
         prefix_cache_hits=counters.get(PREFIX_HITS),

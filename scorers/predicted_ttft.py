@@ -23,31 +23,43 @@ profile named by `profile` (`router.sim.latency`); cap is that profile's KV capa
 tokens, u the scraped KV utilization. Near a full cache the engine preempts or holds the
 request for blocks, which `kv_pressure_s` stands for.
 
-Learning (online, no ML library): at the first token the observed TTFT y is fitted as
-y ≈ k_p·a + k_s·b, where a = (Q+U)·t_tok and b = steps·(t_step + D·t_dec) as predicted at the
-pick (observations with a KV penalty are skipped). Each fit is exponentially weighted least
-squares: sufficient statistics Σaa, Σab, Σbb, Σay, Σby decay by `decay` per observation, and
-a ridge pulls (k_p, k_s) towards a prior. Two levels: a fleet fit over every observation,
-pulled weakly (`ridge` 0.05) towards the profile's (1, 1), and one fit per pod pulled towards
-the fleet's (`podRidge` 1.0, about one observation's weight). So a profile that is wrong for
-the whole fleet is corrected for every pod at once (a pod never seen uses the fleet's
-factors, and an unobserved pod does not look faster than observed ones merely for keeping
-the profile's prior), and a slower or faster pod (another GPU, another TP degree) moves off
-the fleet after a few dozen requests. k is clamped to [0.2, 20]: a pod whose TTFT seems
-not to depend on tokens at all (a stub server) keeps a cache worth something.
+Learning (online, no ML library): at the first token the observed TTFT y is compared with the
+TTFT predicted at the profile's rates, y0 = (Q+U)·t_tok + steps·(t_step + D·t_dec), as
+predicted at the pick. Two exponentially weighted means (`decay` per observation) of
+log(y / y0), each observation clipped to 4x the running mean: one over the fleet, pulled
+towards the profile (log 0) by `ridge` (0.05) observations' weight, and one per pod, pulled
+towards the fleet's by `podRidge` (1.0). The fleet's factor exp(mean) scales every pod's
+seconds, the KV penalty's too, so it calibrates the predictions without changing a single
+ranking (a profile that is wrong for the whole fleet — measured: llama-3.1-8b's on a
+qwen3-32b fleet learns 2.3–4.8 — is corrected for every pod at once, an unobserved pod
+included). A pod's own factor replaces the fleet's only when it is more than `podTolerance`
+(1.5) times faster or slower: another GPU or TP degree is priced by what it does, while the
+noise of a few dozen observations (±1.15x on an even fleet) and the drift of a saturating one
+(±1.5x) leave equal pods equal. Learning only shares what the model explains: observations
+from a pod with a scraped queue (`waiting`), a cache at or past `kvKnee`, or a KV penalty
+predicted are skipped, since those requests also wait for blocks and preemptions the model
+leaves out. (Measured before this rule, on llm-d's benchmark in the simulator: a 2-D least
+squares of k_p and k_s ran to its clamps, some pods learnt 20x and others 0.2x, and the
+default kept 58% of the prefix hits llm-d-precise kept 99% of.)
 
-Score: min_cost / cost with cost = ttft + workWeight · ρ · own_prefill_s, so the pod with the
-lowest cost scores 1 and the others keep their ratios (a pod predicted twice as slow scores
-0.5). Alone in a profile with the `max-score-picker` it picks the lowest cost; combined with
-other scorers it keeps its magnitudes, unlike min-max normalisation. With workWeight 0 the
-cost is the predicted TTFT itself. A positive workWeight also charges the compute a pod would
-spend on this request's uncached tokens, which delays every request queued behind it there
-later: TTFT alone is blind to that, so in a burst it scatters a group across idle pods that
-each recompute the prefix for a TTFT only a hair lower. ρ is the share of candidate pods
-with prefill work queued: the chance that added work delays anyone. On a lightly loaded
-fleet (ρ ≈ 0) the cost is the predicted TTFT; when every pod has a queue, recomputation is
-charged in full. Both figures are in the explanation (`predicted_ttft_s`,
-`routing_cost_s`, and `work_charge` = workWeight · ρ).
+Score: min_cost / cost with cost = ttft + workWeight · ρ · (1 + n̄) · own_prefill_s, so the
+pod with the lowest cost scores 1 and the others keep their ratios (a pod predicted twice as
+slow scores 0.5). Alone in a profile with the `max-score-picker` it picks the lowest cost;
+combined with other scorers it keeps its magnitudes, unlike min-max normalisation. With
+workWeight 0 the cost is the predicted TTFT itself. A positive workWeight also charges the
+compute a pod would spend on this request's uncached tokens, which delays the requests that
+queue behind it there: TTFT alone is blind to that, so in a burst it scatters a group across
+idle pods that each recompute the prefix for a TTFT only a hair lower. ρ is the share of
+candidate pods with prefill work queued (the chance that added work delays anyone) and n̄
+the candidates' median count of requests before their first token (`pending`: the router's
+own or the scraped queue, the larger), by Little's law about how many requests arrive while
+this one is prefilled and so wait for the work it adds. On a lightly loaded fleet (ρ ≈ 0) the
+cost is the predicted TTFT; under load recomputing a prefix costs the fleet one own prefill
+per waiting request. (With the charge capped at one own prefill, ρ ≤ 1, llm-d's benchmark in
+the simulator copied prefix groups onto 1.2–5 pods once queues grew, against 1.0 for
+llm-d-precise, and evicted the copies' blocks while they waited.) The figures are in the
+explanation (`predicted_ttft_s`, `routing_cost_s`, `followers` = n̄ and `work_charge` =
+workWeight · ρ · (1 + n̄)).
 
 Placement (`loadHorizonS`, 30 s; 0 turns it off): a request that misses seeds its prefix on
 the pod it lands on, and later requests sharing the prefix follow it there, so the cost also
@@ -80,6 +92,7 @@ pod, that pod predicts the lower TTFT and the prefix then lives on both.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -99,7 +112,12 @@ if TYPE_CHECKING:
     from router.scheduler import Decision
 
 DEFAULT_PROFILE = "llama-3.1-8b-h100"
-_K_MIN, _K_MAX = 0.2, 20.0
+#: Bounds of a learnt rate factor: a CPU engine is about a thousand times slower than an H100
+#: profile, and a stub that answers at once must not make tokens free.
+_K_MIN, _K_MAX = 0.01, 1e4
+#: An observation further than this (in log) from the running mean is clipped to it (4x).
+_CLIP = math.log(4.0)
+_LOG_K_MIN, _LOG_K_MAX = math.log(_K_MIN), math.log(_K_MAX)
 #: Features older than this many outstanding decisions are forgotten (a face that never
 #: reports back must not grow memory).
 _MAX_OPEN = 200_000
@@ -134,43 +152,26 @@ def profile_rates(profile: str, max_batched_tokens: int, context: int = 2048) ->
 
 
 @dataclass(slots=True)
-class _Fit:
-    """Exponentially weighted least squares of y ≈ k_p·a + k_s·b with a ridge towards a prior."""
+class _LogRatio:
+    """Exponentially weighted mean of log(observed TTFT / TTFT predicted at the profile's rates).
 
-    saa: float = 0.0
-    sab: float = 0.0
-    sbb: float = 0.0
-    say: float = 0.0
-    sby: float = 0.0
-    n: float = 0.0
-    k_prefill: float = 1.0
-    k_step: float = 1.0
+    A mean of logs, not least squares: one observation 10x off moves it by log 10 over the
+    weight, and each is clipped to `_CLIP` times the running mean besides, so a burst of
+    requests held for KV blocks does not throw a pod's speed off by an order of magnitude.
+    """
 
-    def observe(self, a: float, b: float, y: float, decay: float) -> None:
-        self.saa = decay * self.saa + a * a
-        self.sab = decay * self.sab + a * b
-        self.sbb = decay * self.sbb + b * b
-        self.say = decay * self.say + a * y
-        self.sby = decay * self.sby + b * y
+    mean: float = 0.0
+    n: float = 0.0  # the observations' exponentially weighted count
+
+    def observe(self, log_ratio: float, decay: float) -> None:
+        if self.n > 0.0:
+            log_ratio = min(self.mean + _CLIP, max(self.mean - _CLIP, log_ratio))
         self.n = decay * self.n + 1.0
+        self.mean += (log_ratio - self.mean) / self.n
 
-    def solve(self, ridge: float, prior: tuple[float, float] = (1.0, 1.0)) -> None:
-        """Set (k_prefill, k_step); the prior alone while nothing was observed."""
-        if self.n <= 0.0:
-            self.k_prefill, self.k_step = prior
-            return
-        # The ridge is scaled to the features' mean square: it weighs like `ridge`
-        # observations that agree with the prior.
-        lam = ridge * (self.saa + self.sbb) / (2.0 * self.n) + 1e-12
-        m11, m12, m22 = self.saa + lam, self.sab, self.sbb + lam
-        r1, r2 = self.say + lam * prior[0], self.sby + lam * prior[1]
-        det = m11 * m22 - m12 * m12
-        if det <= 0.0:
-            return
-        kp = (r1 * m22 - r2 * m12) / det
-        ks = (m11 * r2 - m12 * r1) / det
-        self.k_prefill = min(_K_MAX, max(_K_MIN, kp))
-        self.k_step = min(_K_MAX, max(_K_MIN, ks))
+    def shrunk(self, towards: float, ridge: float) -> float:
+        """The mean pulled towards `towards` by `ridge` observations' weight."""
+        return towards + (self.mean - towards) * self.n / (self.n + ridge) if self.n else towards
 
 
 @dataclass(slots=True)
@@ -179,10 +180,8 @@ class _Open:
 
     pod: str
     at: float
-    a: float
-    b: float
-    kv: float
-    tokens: int
+    prior_s: float  # the TTFT predicted at the profile's rates (factor 1)
+    learnable: bool  # no part of the wait the model leaves out was foreseen
 
 
 class PredictedTTFTScorer(DetailedScorer, LearningPlugin):
@@ -198,6 +197,8 @@ class PredictedTTFTScorer(DetailedScorer, LearningPlugin):
         "decay": float,
         "ridge": float,
         "podRidge": float,
+        "podTolerance": float,
+        "evictionWeight": float,
         "workWeight": float,
         "loadHorizonS": float,
         "placementLoad": str,
@@ -244,6 +245,15 @@ class PredictedTTFTScorer(DetailedScorer, LearningPlugin):
                 f"{', '.join(_PLACEMENT_LOADS)})"
             )
         self.placement_load = placement
+        eviction = params.get("evictionWeight")
+        self.eviction_weight = 4.0 if eviction is None else float(eviction)
+        if self.eviction_weight < 0:
+            raise ParameterError("predicted-ttft-scorer evictionWeight must be >= 0")
+        tolerance = params.get("podTolerance")
+        self.pod_tolerance = 1.5 if tolerance is None else float(tolerance)
+        if self.pod_tolerance < 1.0:
+            raise ParameterError("predicted-ttft-scorer podTolerance must be >= 1")
+        self._log_tolerance = math.log(self.pod_tolerance)
         pod_ridge = params.get("podRidge")
         self.pod_ridge = 1.0 if pod_ridge is None else float(pod_ridge)
         if not 0.0 < self.decay <= 1.0 or self.ridge < 0 or self.pod_ridge < 0:
@@ -254,11 +264,9 @@ class PredictedTTFTScorer(DetailedScorer, LearningPlugin):
             self.rates = profile_rates(self.profile, self.max_batched)
         except ValueError as exc:
             raise ParameterError(f"predicted-ttft-scorer profile: {exc}") from None
-        self._fits: dict[str, _Fit] = {}
-        self.fleet = _Fit()
-        #: Bumped at each observation; a pod's factors are re-solved when it changed.
-        self._version = 0
-        self._solved: dict[str, int] = {}
+        self._index = env.indexes.get(self.mode)
+        self.fleet = _LogRatio()
+        self._pods: dict[str, _LogRatio] = {}
         #: Per pod: EW mean of our requests' uncached tokens (sizes the scrape's extra queue).
         self._mean_tokens: dict[str, float] = {}
         self._open: dict[int, _Open] = {}
@@ -272,15 +280,30 @@ class PredictedTTFTScorer(DetailedScorer, LearningPlugin):
         self._held: dict[str, tuple[float, float]] = {}
 
     # ------------------------------------------------------------------ prediction
-    def fit(self, endpoint: str) -> _Fit:
-        """The pod's fit, its factors solved against the current fleet fit."""
-        f = self._fits.get(endpoint)
-        if f is None:
-            f = self._fits[endpoint] = _Fit()
-        if self._solved.get(endpoint) != self._version:
-            f.solve(self.pod_ridge, (self.fleet.k_prefill, self.fleet.k_step))
-            self._solved[endpoint] = self._version
-        return f
+    def fleet_factor(self) -> float:
+        """How much slower than the profile the fleet's TTFTs are (1 before any observation)."""
+        return math.exp(min(_LOG_K_MAX, max(_LOG_K_MIN, self._fleet_log())))
+
+    def factor(self, endpoint: str) -> float:
+        """The pod's rate factor: the fleet's, times how much slower than the fleet the pod
+        is beyond `podTolerance` (within it, the pods count as equally fast)."""
+        fleet = self._fleet_log()
+        pod = self._pods.get(endpoint)
+        rel = pod.shrunk(fleet, self.pod_ridge) - fleet if pod is not None else 0.0
+        if abs(rel) <= self._log_tolerance:
+            rel = 0.0
+        return math.exp(min(_LOG_K_MAX, max(_LOG_K_MIN, fleet + rel)))
+
+    def _fleet_log(self) -> float:
+        return self.fleet.shrunk(0.0, self.ridge)
+
+    def capacity_tokens(self, pod: Pod) -> int:
+        """The pod's KV cache in tokens: scraped (`cache_config_info`) where the page says,
+        else the profile's."""
+        m = pod.metrics
+        if m.num_gpu_blocks and m.block_size:
+            return m.num_gpu_blocks * m.block_size
+        return self.rates.capacity_tokens
 
     def predict(self, ctx: SchedulingContext, pod: Pod) -> dict[str, float]:
         """The predicted TTFT of `ctx.request` on `pod` and its parts (seconds, tokens)."""
@@ -297,16 +320,16 @@ class PredictedTTFTScorer(DetailedScorer, LearningPlugin):
         work = queued + own
         chunk = max(1, self.max_batched - running)
         steps = max(1, math.ceil(work / chunk))
-        fit = self.fit(ep)
-        kp, ks = fit.k_prefill, fit.k_step
+        k = self.factor(ep)
         step_base = steps * (r.step_s + running * r.decode_s)
-        projected = m.kv_utilization + work / r.capacity_tokens
+        projected = m.kv_utilization + work / self.capacity_tokens(pod)
         kv = 0.0
         if projected > self.kv_knee and self.kv_penalty_s:
-            kv = self.kv_penalty_s * (projected - self.kv_knee) / (1.0 - self.kv_knee)
-        q_s = kp * queued * r.token_s
-        o_s = kp * own * r.token_s
-        d_s = ks * step_base
+            kv = self.fleet_factor() * self.kv_penalty_s * (projected - self.kv_knee)
+            kv /= 1.0 - self.kv_knee
+        q_s = k * queued * r.token_s
+        o_s = k * own * r.token_s
+        d_s = k * step_base
         ttft = q_s + o_s + d_s + kv
         return {
             "predicted_ttft_s": ttft,
@@ -318,6 +341,8 @@ class PredictedTTFTScorer(DetailedScorer, LearningPlugin):
             "queued_tokens": float(queued),
             "uncached_tokens": float(own),
             "running": float(running),
+            "pending": float(max(own_pre, m.waiting)),
+            "rate_factor": k,
         }
 
     def score_details(
@@ -326,12 +351,16 @@ class PredictedTTFTScorer(DetailedScorer, LearningPlugin):
         parts = [self.predict(ctx, p) for p in pods]
         if self.work_weight and parts:
             rho = sum(1 for d in parts if d["queued_tokens"] > 0) / len(parts)
-            charge = self.work_weight * rho
+            followers = statistics.median(d["pending"] for d in parts)
+            charge = self.work_weight * rho * (1.0 + followers)
             for d in parts:
+                d["followers"] = followers
                 d["work_charge"] = charge
                 d["routing_cost_s"] = d["predicted_ttft_s"] + charge * d["own_prefill_s"]
         if self.load_horizon_s and parts:
             self._charge_placement(ctx, pods, parts)
+        if self._index is not None:
+            self._charge_eviction(ctx, pods, parts)
         r = self.rates
         self._last_request = ctx.request
         self._last = {}
@@ -339,9 +368,23 @@ class PredictedTTFTScorer(DetailedScorer, LearningPlugin):
             work = d["queued_tokens"] + d["uncached_tokens"]
             chunk = max(1, self.max_batched - int(d["running"]))
             steps = max(1, math.ceil(work / chunk))
-            a = work * r.token_s
-            b = steps * (r.step_s + d["running"] * r.decode_s)
-            self._last[p.endpoint] = (a, b, d["kv_pressure_s"], int(d["uncached_tokens"]))
+            prefill_s = work * r.token_s
+            step_s = steps * (r.step_s + d["running"] * r.decode_s)
+            # Learn only from what the model explains. A pod with requests held in its queue
+            # or a cache near full makes requests wait for what it leaves out (KV blocks,
+            # preemption); a request whose tokens cost less than its step (a short hit) is
+            # timed mostly by overheads it leaves out too (HTTP, tokenizing, the first
+            # token's sampling). Learnt as slower rates, either would price the pods that
+            # hold the most prefixes out of their hits.
+            m = p.metrics
+            learnable = (
+                prefill_s >= step_s
+                and not d["kv_pressure_s"]
+                and not m.waiting
+                and m.kv_utilization < self.kv_knee
+            )
+            prior_s = prefill_s + step_s
+            self._last[p.endpoint] = (prior_s, learnable)
         times = [max(1e-6, d["routing_cost_s"]) for d in parts]
         best = min(times) if times else 0.0
         return [best / t for t in times], parts
@@ -425,6 +468,29 @@ class PredictedTTFTScorer(DetailedScorer, LearningPlugin):
             d["placement_s"] = reuse * seed * excess * d["own_prefill_s"]
             d["routing_cost_s"] += d["placement_s"]
 
+    def _charge_eviction(
+        self, ctx: SchedulingContext, pods: Sequence[Pod], parts: list[dict[str, float]]
+    ) -> None:
+        """Charge the blocks a request's uncached tokens would evict on a full cache.
+
+        On a pod whose cache is full, every block computed there evicts a block that some
+        later request would have hit (as often as the traffic reuses blocks, `reuse`), so
+        recomputing a prefix on another pod costs its prefill there again later, and the
+        followers of the evicted prefix wait for it. `eviction_s` = evictionWeight · reuse ·
+        fullness · own_prefill_s, fullness = the blocks the pod holds in the index / its
+        capacity (at most 1). On an empty fleet it is 0 and a hot prefix spreads as soon as
+        its queue outweighs a recompute; on a full one a group stays with its holder until
+        the holder's queue costs more than the recompute and the evictions together.
+        """
+        assert self._index is not None
+        reuse = self.reuse()
+        for p, d in zip(pods, parts, strict=True):
+            held = self._index.pod_block_count(p.endpoint) * ctx.tokens_per_block
+            full = min(1.0, held / self.capacity_tokens(p))
+            d["cache_fullness"] = full
+            d["eviction_s"] = self.eviction_weight * reuse * full * d["own_prefill_s"]
+            d["routing_cost_s"] += d["eviction_s"]
+
     def reuse(self) -> float:
         """Share of prompt tokens the chosen pods held, over recent decisions (EW, ~500
         decisions); 1 before any. Seeding a prefix matters as much as traffic reuses them."""
@@ -449,20 +515,22 @@ class PredictedTTFTScorer(DetailedScorer, LearningPlugin):
         self._mean_tokens[worker] = tokens if mean is None else 0.9 * mean + 0.1 * tokens
         if len(self._open) >= _MAX_OPEN:
             self._open.clear()
-        a, b, kv, _ = feats if feats is not None else (0.0, 0.0, 1.0, tokens)
-        self._open[id(decision)] = _Open(worker, now, a, b, kv, tokens)
+        prior_s, learnable = feats if feats is not None else (0.0, False)
+        self._open[id(decision)] = _Open(worker, now, prior_s, learnable)
 
     def on_first_token(self, decision: Decision, now: float) -> None:
         rec = self._close(decision)
-        if rec is None or not self.learn or rec.kv > 0.0 or (rec.a <= 0.0 and rec.b <= 0.0):
+        if rec is None or not self.learn or not rec.learnable or rec.prior_s <= 0.0:
             return
         y = now - rec.at
-        if y < 0.0:
+        if y <= 0.0:
             return
-        self.fleet.observe(rec.a, rec.b, y, self.decay)
-        self.fleet.solve(self.ridge)
-        self.fit(rec.pod).observe(rec.a, rec.b, y, self.decay)
-        self._version += 1
+        x = math.log(y / rec.prior_s)
+        self.fleet.observe(x, self.decay)
+        pod = self._pods.get(rec.pod)
+        if pod is None:
+            pod = self._pods[rec.pod] = _LogRatio()
+        pod.observe(x, self.decay)
 
     def on_complete(self, decision: Decision, usage: dict[str, Any] | None, now: float) -> None:
         self._close(decision)

@@ -110,7 +110,19 @@ def test_parse_filters_by_model_name() -> None:
 
 
 def test_parse_without_cache_config_leaves_block_size_unknown() -> None:
-    assert parse_vllm_metrics(vllm_page(block_size=None), now=0.0).block_size is None
+    snap = parse_vllm_metrics(vllm_page(block_size=None), now=0.0)
+    assert snap.block_size is None and snap.num_gpu_blocks is None
+
+
+def test_parse_sums_the_kv_capacity_over_engines() -> None:
+    assert parse_vllm_metrics(vllm_page(), now=0.0).num_gpu_blocks == 8192
+    # Two data-parallel engines each report their own cache: the pod holds both.
+    page = vllm_page(block_size=None) + (
+        'vllm:cache_config_info{block_size="16",engine="0",num_gpu_blocks="1000"} 1.0\n'
+        'vllm:cache_config_info{block_size="16",engine="1",num_gpu_blocks="1500"} 1.0\n'
+        'vllm:cache_config_info{block_size="16",engine="2",num_gpu_blocks="None"} 1.0\n'
+    )
+    assert parse_vllm_metrics(page, now=0.0).num_gpu_blocks == 2500
 
 
 @pytest.mark.parametrize(

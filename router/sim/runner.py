@@ -467,6 +467,7 @@ class Simulation:
                     running=m.running,
                     kv_utilization=m.kv_utilization,
                     block_size=ps.engine.config.block_size,
+                    num_gpu_blocks=ps.engine.config.num_gpu_blocks,
                     taken_at=t,
                 ),
             )
