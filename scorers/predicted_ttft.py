@@ -127,6 +127,15 @@ _REUSE_PRIOR = 300
 _PLACEMENT_LOADS = ("inflight", "wait")
 
 
+def _at_least(params: dict[str, Any], key: str, default: float, minimum: float) -> float:
+    """The parameter `key` (`default` when absent); an error naming it when below `minimum`."""
+    value = params.get(key)
+    number = default if value is None else float(value)
+    if number < minimum:
+        raise ParameterError(f"predicted-ttft-scorer {key} must be >= {minimum:g}")
+    return number
+
+
 @dataclass(frozen=True, slots=True)
 class Rates:
     """A pod's prior rates, from the latency model of its profile."""
@@ -230,14 +239,8 @@ class PredictedTTFTScorer(DetailedScorer, LearningPlugin):
         self.decay = 0.97 if decay is None else float(decay)
         ridge = params.get("ridge")
         self.ridge = 0.05 if ridge is None else float(ridge)
-        work_weight = params.get("workWeight")
-        self.work_weight = 1.0 if work_weight is None else float(work_weight)
-        if self.work_weight < 0:
-            raise ParameterError("predicted-ttft-scorer workWeight must be >= 0")
-        horizon = params.get("loadHorizonS")
-        self.load_horizon_s = 30.0 if horizon is None else float(horizon)
-        if self.load_horizon_s < 0:
-            raise ParameterError("predicted-ttft-scorer loadHorizonS must be >= 0")
+        self.work_weight = _at_least(params, "workWeight", 1.0, 0.0)
+        self.load_horizon_s = _at_least(params, "loadHorizonS", 30.0, 0.0)
         placement = params.get("placementLoad") or "inflight"
         if placement not in _PLACEMENT_LOADS:
             raise ParameterError(
@@ -245,14 +248,8 @@ class PredictedTTFTScorer(DetailedScorer, LearningPlugin):
                 f"{', '.join(_PLACEMENT_LOADS)})"
             )
         self.placement_load = placement
-        eviction = params.get("evictionWeight")
-        self.eviction_weight = 4.0 if eviction is None else float(eviction)
-        if self.eviction_weight < 0:
-            raise ParameterError("predicted-ttft-scorer evictionWeight must be >= 0")
-        tolerance = params.get("podTolerance")
-        self.pod_tolerance = 1.5 if tolerance is None else float(tolerance)
-        if self.pod_tolerance < 1.0:
-            raise ParameterError("predicted-ttft-scorer podTolerance must be >= 1")
+        self.eviction_weight = _at_least(params, "evictionWeight", 4.0, 0.0)
+        self.pod_tolerance = _at_least(params, "podTolerance", 1.5, 1.0)
         self._log_tolerance = math.log(self.pod_tolerance)
         pod_ridge = params.get("podRidge")
         self.pod_ridge = 1.0 if pod_ridge is None else float(pod_ridge)

@@ -230,6 +230,18 @@ def true_ttft(details: dict[str, float], slowness: float) -> float:
     return slowness * modelled / details["rate_factor"]
 
 
+def observe_a(sched: Scheduler, n: int, slowness: float, start: int = 0) -> None:
+    """`n` cold 1,500-token prompts on pod A, one a second, answered `slowness` times slower
+    than the profile predicts."""
+    for i in range(start, start + n):
+        d = sched.schedule(token_request(prefix(1500, 9000 * i)), subset=[A], now=float(i))
+        sched.on_pick(d, float(i))
+        p = d.results["default"].pods[0].details["predicted-ttft-scorer"]
+        true = true_ttft(p, slowness)
+        sched.on_first_token(d, i + true)
+        sched.on_complete(d, None, i + true)
+
+
 def test_online_fit_learns_a_slow_pod_and_steers_traffic_away() -> None:
     sched = scheduler_with("predicted-ttft-scorer")
     sc = scorer_of(sched)
@@ -351,13 +363,7 @@ def test_a_wrong_profile_is_corrected_for_pods_never_observed() -> None:
     so an unobserved pod does not look faster merely for keeping the profile's prior."""
     sched = scheduler_with("predicted-ttft-scorer")
     sc = scorer_of(sched)
-    for i in range(40):
-        d = sched.schedule(token_request(prefix(1500, 9000 * i)), subset=[A], now=float(i))
-        sched.on_pick(d, float(i))
-        p = d.results["default"].pods[0].details["predicted-ttft-scorer"]
-        true = true_ttft(p, 4.0)
-        sched.on_first_token(d, i + true)
-        sched.on_complete(d, None, i + true)
+    observe_a(sched, 40, 4.0)
     assert sc.fleet_factor() == pytest.approx(4.0, rel=0.01)
     assert sc.factor(B) == sc.factor(A) == sc.fleet_factor()
     # The fleet's factor scales every second of the prediction: rankings are unchanged.
@@ -405,16 +411,9 @@ def test_observations_the_model_does_not_explain_are_not_learnt(
 def test_one_far_off_observation_is_clipped() -> None:
     sched = scheduler_with("predicted-ttft-scorer")
     sc = scorer_of(sched)
-    for i in range(30):
-        d = sched.schedule(token_request(prefix(1500, 9000 * i)), subset=[A], now=float(i))
-        sched.on_pick(d, float(i))
-        p = d.results["default"].pods[0].details["predicted-ttft-scorer"]
-        sched.on_first_token(d, i + true_ttft(p, 1.0))
+    observe_a(sched, 30, 1.0)
     before = sc.fleet_factor()
-    d = sched.schedule(token_request(prefix(1500, 10**7)), subset=[A], now=40.0)
-    sched.on_pick(d, 40.0)
-    p = d.results["default"].pods[0].details["predicted-ttft-scorer"]
-    sched.on_first_token(d, 40.0 + true_ttft(p, 1000.0))  # a thousand times slower, once
+    observe_a(sched, 1, 1000.0, start=40)  # a thousand times slower, once
     # Counted as 4x: the mean of logs moves by log 4 over the weight, not by log 1000 (and
     # the ridge, `ridge` observations at the profile's rates, weighs in).
     assert before == pytest.approx(1.0)
