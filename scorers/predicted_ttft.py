@@ -109,6 +109,7 @@ from scorers.base import (
 )
 
 if TYPE_CHECKING:
+    from router.index import BlockIndex
     from router.scheduler import Decision
 
 DEFAULT_PROFILE = "llama-3.1-8b-h100"
@@ -134,6 +135,10 @@ def _at_least(params: dict[str, Any], key: str, default: float, minimum: float) 
     if number < minimum:
         raise ParameterError(f"predicted-ttft-scorer {key} must be >= {minimum:g}")
     return number
+
+
+def _bounded_factor(log_factor: float) -> float:
+    return math.exp(min(_LOG_K_MAX, max(_LOG_K_MIN, log_factor)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,7 +284,7 @@ class PredictedTTFTScorer(DetailedScorer, LearningPlugin):
     # ------------------------------------------------------------------ prediction
     def fleet_factor(self) -> float:
         """How much slower than the profile the fleet's TTFTs are (1 before any observation)."""
-        return math.exp(min(_LOG_K_MAX, max(_LOG_K_MIN, self._fleet_log())))
+        return _bounded_factor(self._fleet_log())
 
     def factor(self, endpoint: str) -> float:
         """The pod's rate factor: the fleet's, times how much slower than the fleet the pod
@@ -289,7 +294,7 @@ class PredictedTTFTScorer(DetailedScorer, LearningPlugin):
         rel = pod.shrunk(fleet, self.pod_ridge) - fleet if pod is not None else 0.0
         if abs(rel) <= self._log_tolerance:
             rel = 0.0
-        return math.exp(min(_LOG_K_MAX, max(_LOG_K_MIN, fleet + rel)))
+        return _bounded_factor(fleet + rel)
 
     def _fleet_log(self) -> float:
         return self.fleet.shrunk(0.0, self.ridge)
@@ -357,16 +362,13 @@ class PredictedTTFTScorer(DetailedScorer, LearningPlugin):
         if self.load_horizon_s and parts:
             self._charge_placement(ctx, pods, parts)
         if self._index is not None:
-            self._charge_eviction(ctx, pods, parts)
-        r = self.rates
+            self._charge_eviction(self._index, ctx, pods, parts)
         self._last_request = ctx.request
         self._last = {}
         for p, d in zip(pods, parts, strict=True):
-            work = d["queued_tokens"] + d["uncached_tokens"]
-            chunk = max(1, self.max_batched - int(d["running"]))
-            steps = max(1, math.ceil(work / chunk))
-            prefill_s = work * r.token_s
-            step_s = steps * (r.step_s + d["running"] * r.decode_s)
+            # The parts at the profile's rates: one factor scales them all.
+            prefill_s = (d["queued_prefill_s"] + d["own_prefill_s"]) / d["rate_factor"]
+            step_s = d["decode_interference_s"] / d["rate_factor"]
             # Learn only from what the model explains. A pod with requests held in its queue
             # or a cache near full makes requests wait for what it leaves out (KV blocks,
             # preemption); a request whose tokens cost less than its step (a short hit) is
@@ -466,7 +468,11 @@ class PredictedTTFTScorer(DetailedScorer, LearningPlugin):
             d["routing_cost_s"] += d["placement_s"]
 
     def _charge_eviction(
-        self, ctx: SchedulingContext, pods: Sequence[Pod], parts: list[dict[str, float]]
+        self,
+        index: BlockIndex,
+        ctx: SchedulingContext,
+        pods: Sequence[Pod],
+        parts: list[dict[str, float]],
     ) -> None:
         """Charge the blocks a request's uncached tokens would evict on a full cache.
 
@@ -479,10 +485,9 @@ class PredictedTTFTScorer(DetailedScorer, LearningPlugin):
         its queue outweighs a recompute; on a full one a group stays with its holder until
         the holder's queue costs more than the recompute and the evictions together.
         """
-        assert self._index is not None
         reuse = self.reuse()
         for p, d in zip(pods, parts, strict=True):
-            held = self._index.pod_block_count(p.endpoint) * ctx.tokens_per_block
+            held = index.pod_block_count(p.endpoint) * ctx.tokens_per_block
             full = min(1.0, held / self.capacity_tokens(p))
             d["cache_fullness"] = full
             d["eviction_s"] = self.eviction_weight * reuse * full * d["own_prefill_s"]
